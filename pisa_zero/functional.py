@@ -1,0 +1,329 @@
+"""Pure PISA update kernels over lists of tensors (no distribution, no optimizer bookkeeping).
+
+One PISA step on a tensor, at the consensus point w (ALGORITHM.md §2–3), given the direction source ``g``
+(the gradient for the elementwise preconditioners, the orthogonalised Nesterov momentum O for ``nsisa``)::
+
+    w  ← w · (1 − lr·wd)                         decoupled weight decay (only when wd > 0)
+    h  = g + π
+    q  = sqrt(v̂) + ε   (sisa: v ← β₂v + (1−β₂)h², v̂ = v/(1−β₂ᵗ))
+         sqrt(v) + ε   (adagrad: v ← v + h²)
+         |h| + ε       (nsisa)
+         1             (identity)
+    d  = h / (σ + ρ q)
+    π  ← π − σ d
+    c  = π − σ d                                  this agent's consensus contribution (before α)
+    w  ← w + (c − λ w) / (σ + λ)                  = (σ w + c)/(σ + λ), written as an increment for accuracy
+
+With agents (mode B) the kernel stops after c and writes α·c into ``contribution``; the consensus layer sums it
+over agents and applies the last line with Σα·c in place of c.
+
+Three back ends compute exactly these operations in the same order: ``single`` (a loop of per-tensor ops),
+``foreach`` (torch._foreach_* over the list) and ``compiled`` (one torch.compile'd fused kernel per tensor).
+State tensors may be bf16 (``state_dtype``); the arithmetic is always fp32 and the state is rounded on store.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ELEMENTWISE_PRECONDITIONERS = ("sisa", "adagrad", "identity")
+PRECONDITIONERS = (*ELEMENTWISE_PRECONDITIONERS, "nsisa")
+IMPLEMENTATIONS = ("single", "foreach", "compiled")
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """The group's hyper-parameters in effect for one call (σ and ρ already scaled by lr_ref/lr)."""
+
+    preconditioner: str
+    sigma: float
+    rho: float
+    beta2: float
+    eps: float
+    l2_lambda: float
+    decay: float  # 1 − lr·weight_decay
+    alpha: float = 1.0  # agent weight; only used when writing contributions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Newton–Schulz (NSISA)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def newton_schulz(matrix: Tensor, steps: int = 5, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Quintic Newton–Schulz orthogonalisation of Muon on a matrix or a batch ``(..., rows, cols)``; returns fp32."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.to(compute_dtype)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    if transposed:
+        x = x.mT
+    return x.float()
+
+
+def orthogonalize(momentum: Tensor, steps: int = 5, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """O = NS5(u) · sqrt(max(1, rows/cols)) for one matrix or a batch of same-shape matrices."""
+    rows, cols = momentum.shape[-2:]
+    return newton_schulz(momentum, steps, compute_dtype) * math.sqrt(max(1.0, rows / cols))
+
+
+def ns_compute_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow and inexact there); bf16 on accelerators, as Muon does."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def nesterov_momentum(grads: list[Tensor], momenta: list[Tensor], mu: float, nesterov: bool) -> list[Tensor]:
+    """b ← μ b + g; returns u = g + μ b (Nesterov) or b. Momenta are updated in place (rounded to their dtype)."""
+    directions = []
+    for g, b in zip(grads, momenta):
+        b_new = b.float().mul_(mu).add_(g)
+        b.copy_(b_new)
+        directions.append(g.float().add(b_new, alpha=mu) if nesterov else b_new)
+    return directions
+
+
+def orthogonalize_batched(directions: list[Tensor], steps: int, compute_dtype: torch.dtype) -> list[Tensor]:
+    """Orthogonalise every 2-D tensor of the list, batching same-shape matrices; other tensors pass through."""
+    out: list[Tensor] = list(directions)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, u in enumerate(directions):
+        if u.ndim == 2:
+            by_shape.setdefault(tuple(u.shape), []).append(i)
+    for indices in by_shape.values():
+        ortho = orthogonalize(torch.stack([directions[i] for i in indices]), steps, compute_dtype)
+        for j, i in enumerate(indices):
+            out[i] = ortho[j]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise step: single-tensor back end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _step_single(
+    w: Tensor,
+    g: Tensor,
+    dual: Tensor,
+    second_moment: Tensor | None,
+    bias_correction2: float,
+    s: StepScalars,
+    contribution: Tensor | None,
+) -> None:
+    if s.decay != 1.0:
+        w.mul_(s.decay)
+    dual_f = dual.float()
+    h = g.float().add(dual_f)
+    if s.preconditioner == "identity":
+        d = h.div(s.sigma + s.rho)
+    else:
+        if s.preconditioner == "sisa":
+            v = second_moment.float().mul_(s.beta2).addcmul_(h, h, value=1.0 - s.beta2)
+            second_moment.copy_(v)
+            q = v.div(bias_correction2).sqrt_().add_(s.eps)
+        elif s.preconditioner == "adagrad":
+            v = second_moment.float().addcmul_(h, h)
+            second_moment.copy_(v)
+            q = v.sqrt().add_(s.eps)
+        else:  # nsisa
+            q = h.abs().add_(s.eps)
+        d = h.div_(q.mul_(s.rho).add_(s.sigma))
+    dual_f.add_(d, alpha=-s.sigma)
+    dual.copy_(dual_f)
+    c = dual_f.add(d, alpha=-s.sigma)
+    if contribution is not None:
+        contribution.copy_(c.mul_(s.alpha))
+        return
+    if s.l2_lambda != 0.0:
+        c.sub_(w, alpha=s.l2_lambda)
+    w.add_(c.div_(s.sigma + s.l2_lambda))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# foreach back end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_fp32(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.float() for t in tensors] if tensors and tensors[0].dtype != torch.float32 else tensors
+
+
+def _step_foreach(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    duals: list[Tensor],
+    second_moments: list[Tensor] | None,
+    bias_corrections2: list[float],
+    s: StepScalars,
+    contributions: list[Tensor] | None,
+) -> None:
+    if s.decay != 1.0:
+        torch._foreach_mul_(ws, s.decay)
+    duals_f = _as_fp32(duals)  # the state itself when fp32, so the updates below are in place
+    h = torch._foreach_add(_as_fp32(gs), duals_f)
+    if s.preconditioner == "identity":
+        d = torch._foreach_div(h, s.sigma + s.rho)
+    else:
+        if s.preconditioner in ("sisa", "adagrad"):
+            vs = _as_fp32(second_moments)
+            if s.preconditioner == "sisa":
+                torch._foreach_mul_(vs, s.beta2)
+                torch._foreach_addcmul_(vs, h, h, value=1.0 - s.beta2)
+                q = torch._foreach_div(vs, bias_corrections2)
+                torch._foreach_sqrt_(q)
+            else:
+                torch._foreach_addcmul_(vs, h, h)
+                q = torch._foreach_sqrt(vs)
+            if vs is not second_moments:
+                torch._foreach_copy_(second_moments, vs)
+        else:  # nsisa
+            q = torch._foreach_abs(h)
+        torch._foreach_add_(q, s.eps)
+        torch._foreach_mul_(q, s.rho)
+        torch._foreach_add_(q, s.sigma)
+        d = torch._foreach_div(h, q)
+    torch._foreach_add_(duals_f, d, alpha=-s.sigma)
+    if duals_f is not duals:
+        torch._foreach_copy_(duals, duals_f)
+    c = torch._foreach_add(duals_f, d, alpha=-s.sigma)
+    if contributions is not None:
+        torch._foreach_mul_(c, s.alpha)
+        torch._foreach_copy_(contributions, c)
+        return
+    if s.l2_lambda != 0.0:
+        torch._foreach_sub_(c, ws, alpha=s.l2_lambda)
+    torch._foreach_div_(c, s.sigma + s.l2_lambda)
+    torch._foreach_add_(ws, c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiled back end: the same arithmetic, one fused kernel per tensor (flattened, dynamic length)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Index of each scalar in the fp32 vector handed to the kernel (scalars as a tensor avoid recompiles per value).
+(_SIGMA, _RHO, _BETA2, _ONE_MINUS_BETA2, _BC2, _EPS, _LAMBDA, _SIGMA_PLUS_LAMBDA, _DECAY, _ALPHA, _SIGMA_PLUS_RHO) = (
+    range(11)
+)
+
+
+def _fused_kernel(w, g, dual, second_moment, scalars, preconditioner: str, write_contribution: bool, contribution):
+    sigma, rho = scalars[_SIGMA], scalars[_RHO]
+    w_f = w * scalars[_DECAY]
+    dual_f = dual.float()
+    h = g.float() + dual_f
+    if preconditioner == "identity":
+        d = h / scalars[_SIGMA_PLUS_RHO]
+    else:
+        if preconditioner == "sisa":
+            v = second_moment.float() * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
+            second_moment.copy_(v)
+            q = torch.sqrt(v / scalars[_BC2]) + scalars[_EPS]
+        elif preconditioner == "adagrad":
+            v = second_moment.float() + h * h
+            second_moment.copy_(v)
+            q = torch.sqrt(v) + scalars[_EPS]
+        else:
+            q = h.abs() + scalars[_EPS]
+        d = h / (q * rho + sigma)
+    dual_new = dual_f - d * sigma
+    dual.copy_(dual_new)
+    c = dual_new - d * sigma
+    if write_contribution:
+        w.copy_(w_f)
+        contribution.copy_(c * scalars[_ALPHA])
+    else:
+        w.copy_(w_f + (c - w_f * scalars[_LAMBDA]) / scalars[_SIGMA_PLUS_LAMBDA])
+
+
+@functools.cache
+def _compiled_kernel():
+    # dynamic_threads: the graph is compiled once for all lengths, so let OpenMP (not a size hint) decide threading.
+    return torch.compile(_fused_kernel, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+
+
+def _step_compiled(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    duals: list[Tensor],
+    second_moments: list[Tensor] | None,
+    bias_corrections2: list[float],
+    s: StepScalars,
+    contributions: list[Tensor] | None,
+) -> None:
+    kernel = _compiled_kernel()
+    # One graph per (preconditioner, mode, dtypes, device): more than dynamo's default limit of 8 variants.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for i, w in enumerate(ws):
+            per_tensor = [s.sigma, s.rho, s.beta2, 1.0 - s.beta2, bias_corrections2[i], s.eps, s.l2_lambda]
+            per_tensor += [s.sigma + s.l2_lambda, s.decay, s.alpha, s.sigma + s.rho]
+            scalars = torch.tensor(per_tensor, dtype=torch.float32, device=w.device)
+            v = second_moments[i].view(-1) if second_moments is not None else None
+            out = contributions[i].view(-1) if contributions is not None else None
+            kernel(w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, scalars, s.preconditioner, out is not None, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pisa_step(
+    params: list[Tensor],
+    directions: list[Tensor],
+    duals: list[Tensor],
+    second_moments: list[Tensor] | None,
+    steps: list[int],
+    scalars: StepScalars,
+    *,
+    implementation: str = "foreach",
+    contributions: list[Tensor] | None = None,
+) -> None:
+    """Apply one PISA step in place to plain (local) tensors.
+
+    ``directions`` are the gradients (elementwise preconditioners) or the orthogonalised momenta (nsisa);
+    ``steps`` are the per-tensor step counters *after* increment (used for sisa's bias correction);
+    ``contributions``, when given, receive α·c and ``params`` get only the weight decay (mode B).
+    """
+    if not params:
+        return
+    if scalars.preconditioner not in ("sisa", "adagrad"):
+        second_moments = None
+    bias_corrections2 = [1.0 - scalars.beta2**t for t in steps]
+    if implementation == "single":
+        for i, w in enumerate(params):
+            _step_single(
+                w,
+                directions[i],
+                duals[i],
+                second_moments[i] if second_moments is not None else None,
+                bias_corrections2[i],
+                scalars,
+                contributions[i] if contributions is not None else None,
+            )
+    elif implementation == "foreach":
+        _step_foreach(params, directions, duals, second_moments, bias_corrections2, scalars, contributions)
+    elif implementation == "compiled":
+        _step_compiled(params, directions, duals, second_moments, bias_corrections2, scalars, contributions)
+    else:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def apply_consensus(params: list[Tensor], summed_contributions: list[Tensor], sigma: float, l2_lambda: float) -> None:
+    """w ← w + (Σα·c − λ w)/(σ + λ) on each tensor (the server step of mode B)."""
+    for w, c in zip(params, summed_contributions):
+        c = c.float()
+        if l2_lambda != 0.0:
+            c = c.sub(w, alpha=l2_lambda)
+        w.add_(c.div(sigma + l2_lambda))

@@ -1,0 +1,373 @@
+"""`PISA`: the torch.optim.Optimizer. Param groups, lazy per-tensor state, the lr → σ, ρ rule, validation.
+
+The arithmetic lives in `pisa_zero.functional`; distribution across agents in `pisa_zero.consensus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+logger = logging.getLogger(__name__)
+
+PRECONDITIONERS = (*F.PRECONDITIONERS, "adamw")
+
+try:  # DTensor (FSDP2) support: the math runs on local shards; Newton–Schulz gathers whole matrices.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment]
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _is_matrix_partition(t: Tensor) -> bool:
+    """A tensor that stands for part of a matrix: a DeepSpeed ZeRO-3 partition (``ds_shape``) of a 2-D param."""
+    return len(getattr(t, "ds_shape", ())) >= 2
+
+
+def _check_range(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"PISA: invalid {name}={value!r}: expected {expected}")
+
+
+class PISA(torch.optim.Optimizer):
+    r"""Preconditioned Inexact Stochastic ADMM (Zhou et al., arXiv 2502.10784).
+
+    For every tensor, at the consensus point :math:`w` (the parameter, fp32 master), with gradient :math:`g`,
+    dual :math:`\pi` and step :math:`t` (all state starts at 0)::
+
+        w ← w (1 − lr·weight_decay)                               (decoupled weight decay, optional)
+        h = g + π                                                 (sisa / adagrad / identity)
+        h = O + π,  O = NS5(g + μ b) · sqrt(max(1, rows/cols)),   b ← μ b + g        (nsisa, 2-D tensors)
+        q = sqrt(v / (1 − β₂ᵗ)) + ε,  v ← β₂ v + (1 − β₂) h²      (sisa)
+        q = sqrt(v) + ε,              v ← v + h²                  (adagrad)
+        q = |h| + ε                                               (nsisa)
+        q = 1                                                     (identity)
+        d = h / (σ + ρ q)                                         (inexact local step: w_i = w − d)
+        π ← π − σ d                                               (dual ascent)
+        w ← (σ w + π − σ d) / (σ + λ)                             (consensus, m = 1)
+
+    With ``consensus=`` (agents, mode B) every agent contributes :math:`c_i = α_i(π_i − σ d_i)` and
+    :math:`w ← (σ w + Σ_i c_i)/(σ + λ)`; see `pisa_zero.consensus`.
+
+    Learning rate: σ and ρ are given for the reference lr ``lr_ref`` (``lr``, or ``1/(σ+ρ)`` when ``lr=None``).
+    When a scheduler sets ``group['lr']`` to ``lr_t`` both are scaled by ``lr_ref/lr_t``; ``lr_t = 0`` leaves the
+    parameters and every state tensor untouched and does not advance the step counters.
+
+    A group with ``preconditioner="adamw"`` is updated by plain AdamW (``lr``, ``betas``, ``eps``,
+    ``weight_decay``; state ``exp_avg``, ``exp_avg_sq``): the auxiliary optimizer for embeddings, norms and biases
+    that NSISA needs, carried in the same optimizer object, state dict and checkpoint.
+
+    Non-finite gradients: with ``skip_nonfinite=True`` (default) each ``step()`` call first checks the gradients it
+    was handed; if any is inf/NaN the call changes nothing (no parameter, state or step counter) and
+    ``nonfinite_steps_skipped`` is incremented. That decision is local to the rank and to the groups in the call;
+    training loops that shard state should call :func:`pisa_zero.grads_are_finite` (one all-reduce) and skip
+    ``step()`` on every rank, as `engine/train.py` and the integrations do.
+
+    Args:
+        params: parameters or param groups.
+        sigma: σ > 0, the ADMM penalty (at the reference lr).
+        rho: ρ ≥ 0, the preconditioner weight (at the reference lr).
+        lr: reference learning rate; ``None`` means ``1/(σ+ρ)``. Required for ``adamw`` groups.
+        preconditioner: "sisa", "adagrad", "identity", "nsisa" or "adamw" (per group).
+        beta2: β₂ ∈ [0, 1) of sisa's second moment.
+        momentum: μ ∈ [0, 1) of nsisa's momentum.
+        nesterov: nsisa uses g + μ b (True) or b (False).
+        eps: ε > 0 inside the preconditioner (multiplied by ρ).
+        l2_lambda: λ ≥ 0, the server-side ℓ2 term of the consensus.
+        weight_decay: decoupled weight decay (w ← w (1 − lr·wd) before the step).
+        ns_steps: Newton–Schulz iterations (nsisa).
+        implementation: "single", "foreach", "compiled", or None for the fastest that works on the device.
+        state_dtype: dtype of π, v and b (fp32 default; bf16 halves their memory at the cost of rounding).
+        betas: (β₁, β₂) of ``adamw`` groups.
+        skip_nonfinite: skip a call whose gradients contain inf/NaN (see above).
+        consensus: a `pisa_zero.consensus.AgentTopology` (mode B); None for mode A (host-averaged gradients).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        sigma: float = 1.0,
+        rho: float = 1000.0,
+        *,
+        lr: float | None = None,
+        preconditioner: str = "sisa",
+        beta2: float = 0.999,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        eps: float = 1e-8,
+        l2_lambda: float = 0.0,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        implementation: str | None = None,
+        state_dtype: torch.dtype | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        skip_nonfinite: bool = True,
+        consensus=None,
+    ):
+        if implementation is not None and implementation not in F.IMPLEMENTATIONS:
+            raise ValueError(f"PISA: invalid implementation={implementation!r}: expected one of {F.IMPLEMENTATIONS}")
+        if state_dtype is not None and state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"PISA: invalid state_dtype={state_dtype!r}: expected torch.float32 or torch.bfloat16")
+        defaults = dict(
+            sigma=sigma,
+            rho=rho,
+            lr=lr,
+            preconditioner=preconditioner,
+            beta2=beta2,
+            momentum=momentum,
+            nesterov=nesterov,
+            eps=eps,
+            l2_lambda=l2_lambda,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            betas=betas,
+        )
+        self.implementation = implementation
+        self.state_dtype = state_dtype or torch.float32
+        self.skip_nonfinite = skip_nonfinite
+        self.consensus = consensus
+        self.nonfinite_steps_skipped = 0
+        self._known_params: set[int] = set()
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        if group["lr"] is None:
+            group["lr"] = 1.0 / (group["sigma"] + group["rho"])
+        group.setdefault("lr_ref", group["lr"])
+        self._known_params.update(id(p) for p in group["params"])
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        p = group["preconditioner"]
+        _check_range("preconditioner", p, p in PRECONDITIONERS, f"one of {PRECONDITIONERS}")
+        lr = group["lr"]
+        if p == "adamw":
+            _check_range("lr", lr, lr is not None and math.isfinite(lr) and lr >= 0, "a finite lr >= 0 for adamw")
+            b1, b2 = group["betas"]
+            _check_range("betas", group["betas"], 0 <= b1 < 1 and 0 <= b2 < 1, "each beta in [0, 1)")
+        else:
+            _check_range("lr", lr, lr is None or (math.isfinite(lr) and lr >= 0), "None or a finite lr >= 0")
+            sigma, rho = group["sigma"], group["rho"]
+            _check_range("sigma", sigma, math.isfinite(sigma) and sigma > 0, "a finite sigma > 0")
+            _check_range("rho", rho, math.isfinite(rho) and rho >= 0, "a finite rho >= 0")
+            if lr is None:
+                _check_range("lr", lr, sigma + rho > 0, "an explicit lr (sigma + rho is 0)")
+            elif lr == 0 and "lr_ref" not in group:
+                raise ValueError("PISA: invalid lr=0 at construction: the reference lr must be > 0")
+            beta2 = group["beta2"]
+            _check_range("beta2", beta2, 0 <= beta2 < 1, "beta2 in [0, 1)")
+            mu = group["momentum"]
+            _check_range("momentum", mu, 0 <= mu < 1, "momentum in [0, 1)")
+            lam = group["l2_lambda"]
+            _check_range("l2_lambda", lam, math.isfinite(lam) and lam >= 0, "a finite l2_lambda >= 0")
+            ns = group["ns_steps"]
+            _check_range("ns_steps", ns, isinstance(ns, int) and ns >= 1, "an integer ns_steps >= 1")
+        eps = group["eps"]
+        _check_range("eps", eps, math.isfinite(eps) and eps > 0, "a finite eps > 0")
+        wd = group["weight_decay"]
+        _check_range("weight_decay", wd, math.isfinite(wd) and wd >= 0, "a finite weight_decay >= 0")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._known_params.update(id(p) for p in group["params"])
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _state_for(self, p: Tensor, preconditioner: str) -> dict:
+        """Lazy per-tensor state, created as zeros_like(p) (flat ZeRO partitions and DTensors included)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if preconditioner == "adamw":
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state["dual"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+                if preconditioner in ("sisa", "adagrad"):
+                    state["second_moment"] = torch.zeros_like(p, dtype=self.state_dtype)
+                elif preconditioner == "nsisa":
+                    state["momentum"] = torch.zeros_like(p, dtype=self.state_dtype)
+        return state
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every state tensor now (zeros, step 0) without touching parameters: for hosts that need state
+        to exist before the first step (checkpoint loading, torchtitan's ``init_optim_state``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_for(p, group["preconditioner"])
+
+    def _pick_implementation(self, params: list[Tensor]) -> str:
+        if self.implementation is not None:
+            return self.implementation
+        return "compiled" if _compiled_available(params[0].device) else "foreach"
+
+    # ------------------------------------------------------------------------------------------------- step
+    def effective_hyperparameters(self, group: dict) -> tuple[float, float]:
+        """(σ, ρ) in effect at the group's current lr: both scale by lr_ref / lr."""
+        scale = group["lr_ref"] / group["lr"]
+        return group["sigma"] * scale, group["rho"] * scale
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [
+            (group, [p for p in group["params"] if p.grad is not None])
+            for group in self.param_groups
+            if group["lr"] != 0
+        ]
+        active = [(group, params) for group, params in active if params]
+        if not active:
+            return loss
+        if self.skip_nonfinite:
+            grads = [_local(p.grad) for _, params in active for p in params]
+            if not _all_finite(grads):
+                self.nonfinite_steps_skipped += 1
+                logger.warning("PISA: non-finite gradient; step skipped (%d so far)", self.nonfinite_steps_skipped)
+                return loss
+        for group, params in active:
+            if group["preconditioner"] == "adamw":
+                self._adamw_group(group, params)
+            else:
+                self._pisa_group(group, params)
+        return loss
+
+    def _pisa_group(self, group: dict, params: list[Tensor]) -> None:
+        preconditioner = group["preconditioner"]
+        states = [self._state_for(p, preconditioner) for p in params]
+        for state in states:
+            state["step"] += 1
+        steps = [int(state["step"].item()) for state in states]
+        if preconditioner == "nsisa":
+            directions = self._nsisa_directions(group, params, states)
+        else:
+            directions = [_local(p.grad) for p in params]
+        sigma, rho = self.effective_hyperparameters(group)
+        scalars = F.StepScalars(
+            preconditioner=preconditioner,
+            sigma=sigma,
+            rho=rho,
+            beta2=group["beta2"],
+            eps=group["eps"],
+            l2_lambda=group["l2_lambda"],
+            decay=1.0 - group["lr"] * group["weight_decay"],
+        )
+        local_params = [_local(p) for p in params]
+        duals = [_local(s["dual"]) for s in states]
+        second_moments = [_local(s["second_moment"]) for s in states] if "second_moment" in states[0] else None
+        implementation = self._pick_implementation(local_params)
+        if self.consensus is None:
+            F.pisa_step(local_params, directions, duals, second_moments, steps, scalars, implementation=implementation)
+        else:
+            self.consensus.step(local_params, directions, duals, second_moments, steps, scalars, implementation)
+
+    def _nsisa_directions(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
+        """O = NS5(g + μ b)·scale for whole matrices, u itself for other tensors; momentum b updated in place."""
+        for p in params:
+            if _is_matrix_partition(p) or (p.ndim == 1 and id(p) not in self._known_params):
+                raise ValueError(
+                    "PISA: preconditioner='nsisa' was handed a flat 1-D partition "
+                    f"(shape {tuple(p.shape)}, ds_shape {tuple(getattr(p, 'ds_shape', ()))}) instead of whole "
+                    "matrices; Newton–Schulz cannot run on a slice. Use pisa_zero's DeepSpeed integration, which "
+                    "routes whole matrices, or put this group on an elementwise preconditioner ('sisa')."
+                )
+        momenta = [s["momentum"] for s in states]
+        grads = [p.grad for p in params]
+        dtensor = [i for i, p in enumerate(params) if isinstance(p, DTensor)]
+        if not dtensor:
+            us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
+            device = params[0].device
+            return F.orthogonalize_batched(us, group["ns_steps"], F.ns_compute_dtype(device))
+        # Sharded DTensors (FSDP2): gather each whole matrix, orthogonalise, keep this rank's shard.
+        local_us = F.nesterov_momentum(
+            [_local(g) for g in grads], [_local(b) for b in momenta], group["momentum"], group["nesterov"]
+        )
+        out = []
+        for p, u_local in zip(params, local_us):
+            if not isinstance(p, DTensor) or p.ndim != 2:
+                out.append(u_local)
+                continue
+            u = DTensor.from_local(u_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            ortho = F.orthogonalize(u.full_tensor(), group["ns_steps"], F.ns_compute_dtype(u_local.device))
+            out.append(distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        return out
+
+    def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in params:
+            state = self._state_for(p, "adamw")
+            state["step"] += 1
+            t = state["step"].item()
+            w, g = _local(p), _local(p.grad)
+            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            if wd != 0:
+                w.mul_(1.0 - lr * wd)
+            m.lerp_(g, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+            w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One sum per tensor and a single host sync: a sum is inf/NaN when an element is (or, harmlessly, when finite
+    values overflow fp32 — garbage either way). Sums are the cheapest full read torch has (~13 ms for 100M on CPU)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
+
+
+_COMPILED_OK: dict[str, bool] = {}
+
+
+def _compiled_available(device: torch.device) -> bool:
+    """torch.compile needs a C++ compiler on CPU and Triton on CUDA; otherwise foreach is the fastest."""
+    if device.type not in _COMPILED_OK:
+        if device.type == "cpu":
+            ok = shutil.which("g++") is not None or shutil.which("c++") is not None
+        elif device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                ok = True
+            except ImportError:
+                ok = False
+        else:
+            ok = False
+        _COMPILED_OK[device.type] = ok
+    return _COMPILED_OK[device.type]
+
+
+def grads_are_finite(params: Iterable[Tensor], group=None) -> bool:
+    """True when every gradient on every rank of ``group`` is finite (one all-reduce when distributed).
+
+    Integrations and training loops call this before ``optimizer.step()`` and skip the step on every rank
+    when it is False, so that no rank's π or v ever sees inf/NaN and the ranks stay in step.
+    """
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    finite = _all_finite(grads)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = grads[0].device if grads else torch.device("cpu")
+        if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([1.0 if finite else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+        finite = bool(flag.item() == 1.0)
+    return finite
