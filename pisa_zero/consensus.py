@@ -1,0 +1,368 @@
+"""Agents × shards: the consensus collectives of PISA's distributed algorithm (mode B, ALGORITHM.md §2).
+
+World = m agents × k shard ranks, laid out like HSDP: rank = agent·k + shard. Inside an agent the host (FSDP2 on the
+shard sub-mesh) averages gradients over its k ranks and shards parameters and state; across agents nothing but the
+consensus is communicated. Each step, on every shard rank:
+
+1. one control all-reduce over the world of one float: this rank's sample count n (``set_local_batch_size``), or +inf
+   when its gradients are not finite. The sum N gives α_i = k·n/N, and an inf sum makes *every* rank skip the step
+   (the non-finite skip is agreed, so mode B never deadlocks). Without ``set_local_batch_size`` n = 1: equal weights.
+2. the kernel writes c_i = α_i(π_i − σ d_i) into an fp32 contribution buffer (π_i, v_i updated in place);
+3. reduce-scatter (fp32, sum) of the buffer over the agent group: each agent rank owns 1/m of the shard and applies
+   w ← w + (Σc − λw)/(σ + λ) to its slice of the fp32 master; all-gather of the updated slices writes the same bits
+   into every agent's parameter. Bytes: 2·(m−1)/m·4 per element, exactly an fp32 all-reduce (ring), and the result is
+   bitwise identical on all agents by construction (one owner computes each element).
+
+What is the fp32 master? Under FSDP2 (also with ``MixedPrecisionPolicy(param_dtype=bf16)``) the sharded fp32 parameter
+*is* the master: 4/k bytes per parameter per rank, the same as HSDP-AdamW; it is replicated over agents because every
+agent needs w for its forward pass. For a plain fp32 model (k = 1) the parameter is likewise the master. For a
+low-precision (bf16/fp16) parameter that FSDP does not master, the topology keeps an fp32 master *slice* on its owner
+rank only (4/m bytes per parameter, state key ``"master"`` of the optimizer) and all-gathers the updated slice in the
+parameter's dtype.
+
+Auxiliary AdamW groups in mode B get their gradients α-averaged across agents (reduce-scatter + all-gather, fp32) and
+then take the same AdamW step on every agent, so they also stay bitwise identical.
+
+``orthogonalize_sharded`` routes whole matrices of Shard(0) DTensors to owner ranks for Newton–Schulz (NSISA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional as F
+
+try:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class AgentTopology:
+    """m agents × k shard ranks. Build with :meth:`from_mesh` (a DeviceMesh with dims ("agent", "shard")) or
+    :meth:`build` (``agents=m`` over the whole world).
+
+    Attributes: ``agents`` (m), ``shard_size`` (k), ``agent_index`` (this rank's agent), ``shard_index``,
+    ``agent_group`` (the m ranks holding the same shard in different agents), ``shard_group`` (this agent's k ranks),
+    ``shard_mesh`` (the 1-D sub-mesh to hand to ``fully_shard``), ``mesh`` and ``alpha`` (this agent's weight in the
+    last step).
+    """
+
+    def __init__(self, mesh=None):
+        self.mesh = mesh
+        if mesh is None:  # one agent, one rank: no torch.distributed needed
+            self.agents, self.shard_size, self.agent_index, self.shard_index = 1, 1, 0, 0
+            self.agent_group = self.shard_group = self.shard_mesh = None
+        else:
+            names = tuple(mesh.mesh_dim_names or ())
+            if names != ("agent", "shard"):
+                raise ValueError(f"AgentTopology: mesh_dim_names={names!r}: expected ('agent', 'shard')")
+            if mesh.mesh.numel() != dist.get_world_size():
+                raise ValueError(
+                    f"AgentTopology: mesh has {mesh.mesh.numel()} ranks but world_size={dist.get_world_size()}: "
+                    "the agent mesh must span the whole world"
+                )
+            self.agents, self.shard_size = mesh.size(0), mesh.size(1)
+            self.agent_index = mesh.get_local_rank("agent")
+            self.shard_index = mesh.get_local_rank("shard")
+            self.agent_group = mesh.get_group("agent")
+            self.shard_group = mesh.get_group("shard")
+            self.shard_mesh = mesh["shard"]
+        self.alpha = 1.0 / self.agents
+        self._local_count: float | None = None
+        self._masters: dict[tuple, Tensor] = {}  # fp32 master slices of low-precision groups (owner rank only)
+
+    @classmethod
+    def from_mesh(cls, device_mesh) -> AgentTopology:
+        return cls(device_mesh)
+
+    @classmethod
+    def build(cls, agents: int, device_type: str | None = None) -> AgentTopology:
+        """m = ``agents`` agents over the whole world (k = world/m ranks each, rank = agent·k + shard)."""
+        if not isinstance(agents, int) or agents < 1:
+            raise ValueError(f"AgentTopology.build: invalid agents={agents!r}: expected an integer >= 1")
+        if not _dist_on():
+            if agents != 1:
+                raise ValueError(f"AgentTopology.build: agents={agents} needs torch.distributed to be initialised")
+            return cls(None)
+        world = dist.get_world_size()
+        if world % agents:
+            raise ValueError(f"AgentTopology.build: agents={agents} does not divide world_size={world}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(device_type, (agents, world // agents), mesh_dim_names=("agent", "shard"))
+        return cls(mesh)
+
+    def __repr__(self) -> str:
+        return f"AgentTopology(agents={self.agents}, shard_size={self.shard_size}, agent_index={self.agent_index})"
+
+    # ------------------------------------------------------------------------------------------- weights α
+    def set_local_batch_size(self, n: float) -> None:
+        """This rank's sample (or token) count for the coming steps (kept until changed). Agent i's weight is
+        α_i = k·n_i / Σ_ranks n: FSDP averages an agent's k rank-gradients with equal weights, so an agent's ranks
+        should see equal counts. Never called: n = 1 everywhere, equal weights."""
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise ValueError(f"set_local_batch_size: invalid n={n!r}: expected a finite number > 0")
+        self._local_count = float(n)
+
+    def begin_step(self, grads: list[Tensor], check_finite: bool) -> bool:
+        """The control all-reduce: agree on skipping (non-finite gradients anywhere) and compute α. True = go."""
+        count = 1.0 if self._local_count is None else self._local_count
+        finite = _all_finite(grads) if check_finite else True
+        total = count if finite else math.inf
+        if self.mesh is not None and dist.get_world_size() > 1:
+            flag = torch.tensor([total], dtype=torch.float32, device=_comm_device(grads))
+            dist.all_reduce(flag)
+            total = float(flag.item())
+        if not math.isfinite(total):
+            return False
+        self.alpha = count * self.shard_size / total
+        return True
+
+    # ------------------------------------------------------------------------------------------- collectives
+    def _sum_across_agents(self, buf: Tensor, owner_fn=None) -> None:
+        """In place: buf ← Σ_agents buf, as reduce-scatter + (owner_fn on the owned slice) + all-gather."""
+        m = self.agents
+        if m == 1:
+            if owner_fn is not None:
+                owner_fn(buf, 0)
+            return
+        s = buf.numel() // m
+        out = torch.empty(s, dtype=buf.dtype, device=buf.device)
+        dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.agent_group)
+        me = dist.get_rank(self.agent_group)
+        if owner_fn is not None:
+            owner_fn(out, me * s)
+        dist.all_gather_into_tensor(buf, out, group=self.agent_group)
+
+    def reduce_gradients(self, grads: list[Tensor]) -> None:
+        """g ← Σ_i α_i g_i over agents, in place (auxiliary AdamW groups in mode B)."""
+        if self.agents == 1 or not grads:
+            return
+        buf = _flat_buffer(grads, self.agents)
+        offset = 0
+        for g in grads:
+            buf[offset : offset + g.numel()].view_as(g).copy_(g).mul_(self.alpha)
+            offset += g.numel()
+        self._sum_across_agents(buf)
+        offset = 0
+        for g in grads:
+            g.copy_(buf[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def step(
+        self, params, directions, duals, second_moments, steps, scalars: F.StepScalars, implementation, masters=None
+    ):
+        """One consensus step on this rank's local tensors (called by `PISA._pisa_group`).
+
+        ``masters``: for low-precision params, this rank's fp32 master slices (see module doc); None for fp32 params.
+        """
+        if not params:
+            return
+        m = self.agents
+        if m == 1 and params[0].dtype == torch.float32:  # one agent: the plain (mode A) step, no buffer
+            F.pisa_step(params, directions, duals, second_moments, steps, scalars, implementation=implementation)
+            return
+        buf = _flat_buffer(params, m)
+        offsets, offset = [], 0
+        for p in params:
+            offsets.append(offset)
+            offset += p.numel()
+        views = [buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+        low_precision = params[0].dtype != torch.float32
+        kernel_scalars = dataclasses.replace(scalars, alpha=self.alpha)
+        if low_precision:  # decay goes to the fp32 master, not to the bf16 copy
+            kernel_scalars = dataclasses.replace(kernel_scalars, decay=1.0)
+        F.pisa_step(
+            params, directions, duals, second_moments, steps, kernel_scalars,
+            implementation=implementation, contributions=views,
+        )  # fmt: skip
+        s = buf.numel() // m
+
+        if not low_precision:
+
+            def owner(summed: Tensor, start: int) -> None:
+                # the fp32 master slice of the owner: the parameter itself (same bits on every agent)
+                w = torch.zeros_like(summed)
+                for o, p in zip(offsets, params):
+                    lo, hi = max(o, start), min(o + p.numel(), start + s)
+                    if lo < hi:
+                        w[lo - start : hi - start] = p.reshape(-1)[lo - o : hi - o]
+                F.apply_consensus([w], [summed], scalars.sigma, scalars.l2_lambda)
+                summed.copy_(w)
+
+            self._sum_across_agents(buf, owner)
+            for p, v in zip(params, views):
+                p.copy_(v)
+            return
+
+        # low precision: the fp32 master slice lives on its owner only; gather the update in the param dtype
+        if masters is None:
+            key = tuple(p.data_ptr() for p in params)
+            if key not in self._masters:
+                self._masters[key] = self.master_slice(params)
+            masters = [self._masters[key]]
+        master = masters[0]
+        if master.numel() != s:
+            raise ValueError(f"consensus: master slice has {master.numel()} elements, expected {s}")
+        if m == 1:
+            master.mul_(scalars.decay)
+            F.apply_consensus([master], [buf], scalars.sigma, scalars.l2_lambda)
+            gathered = master
+        else:
+            out = torch.empty(s, dtype=buf.dtype, device=buf.device)
+            dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.agent_group)
+            master.mul_(scalars.decay)
+            F.apply_consensus([master], [out], scalars.sigma, scalars.l2_lambda)
+            gathered = torch.empty(s * m, dtype=params[0].dtype, device=buf.device)
+            dist.all_gather_into_tensor(gathered, master.to(params[0].dtype), group=self.agent_group)
+        for o, p in zip(offsets, params):
+            p.copy_(gathered[o : o + p.numel()].view_as(p))
+
+    def master_slice(self, params: list[Tensor]) -> Tensor:
+        """This rank's fp32 master slice of a low-precision group (initialised from the params)."""
+        m = self.agents
+        n = sum(p.numel() for p in params)
+        s = -(-n // m)
+        me = 0 if m == 1 else dist.get_rank(self.agent_group)
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        out = torch.zeros(s, dtype=torch.float32, device=flat.device)
+        part = flat[me * s : (me + 1) * s]
+        out[: part.numel()] = part
+        return out
+
+
+def _comm_device(tensors: list[Tensor]) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if not tensors else tensors[0].device
+
+
+def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
+    """Zeroed fp32 buffer for the tensors, padded so that it splits into ``parts`` equal slices."""
+    n = sum(t.numel() for t in tensors)
+    s = -(-n // parts)
+    return torch.zeros(s * parts, dtype=torch.float32, device=tensors[0].device)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Newton–Schulz on Shard(0) DTensors: whole matrices routed to owner ranks
+# -------------------------------------------------------------------------------------------------------------
+
+
+def _routable(p) -> bool:
+    return (
+        isinstance(p, DTensor)
+        and p.ndim == 2
+        and p.device_mesh.ndim == 1
+        and len(p.placements) == 1
+        and isinstance(p.placements[0], Shard)
+        and p.placements[0].dim == 0
+    )
+
+
+def _chunk_rows(rows: int, k: int) -> list[int]:
+    """Rows per rank of a Shard(0) dimension (torch.chunk semantics, as FSDP2 and DTensor use)."""
+    c = -(-rows // k)
+    return [max(0, min(c, rows - r * c)) for r in range(k)]
+
+
+def orthogonalize_sharded(params: list[Tensor], local_us: list[Tensor], steps: int, compute_dtype) -> list[Tensor]:
+    """O for each 2-D DTensor param from its local shard of u; other tensors pass through unchanged.
+
+    Shard(0) DTensors on a 1-D mesh: matrices are grouped by shape and each whole matrix is assigned to one owner
+    rank (round robin, continued across shapes for balance); one all-to-all sends every shard to its owner, the
+    owners orthogonalise their same-shape matrices as a batch, and a second all-to-all returns the shards. Other
+    DTensor layouts fall back to gathering the full matrix on every rank.
+    """
+    out = list(local_us)
+    routed: dict = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, DTensor) or p.ndim != 2:
+            continue
+        if _routable(p):
+            routed.setdefault(p.device_mesh, []).append(i)
+        else:
+            u = DTensor.from_local(local_us[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            ortho = F.orthogonalize(u.full_tensor(), steps, compute_dtype)
+            out[i] = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    for mesh, indices in routed.items():
+        _route(mesh, [params[i] for i in indices], [local_us[i] for i in indices], steps, compute_dtype, out, indices)
+    return out
+
+
+def _route(mesh, params, us, steps, compute_dtype, out, indices) -> None:
+    k = mesh.size()
+    if k == 1:
+        ortho = F.orthogonalize_batched([u.float() for u in us], steps, compute_dtype)
+        for j, i in enumerate(indices):
+            out[i] = ortho[j]
+        return
+    me = mesh.get_local_rank()
+    group = mesh.get_group()
+    shapes = [tuple(p.shape) for p in params]
+    order = sorted(range(len(params)), key=lambda j: shapes[j])
+    owner = {j: n % k for n, j in enumerate(order)}  # same-shape matrices spread over the ranks
+    owned = [j for j in order if owner[j] == me]
+    rows = {j: _chunk_rows(shapes[j][0], k) for j in order}
+    for j, u in enumerate(us):
+        if u.shape[0] != rows[j][me]:
+            raise ValueError(f"orthogonalize_sharded: local shard has {u.shape[0]} rows, expected {rows[j][me]}")
+
+    # forward: every rank sends its shard of matrix j to owner[j]
+    send_parts, send_sizes = [], []
+    for dest in range(k):
+        parts = [us[j].reshape(-1).float() for j in order if owner[j] == dest]
+        send_parts += parts
+        send_sizes.append(sum(t.numel() for t in parts))
+    recv_sizes = [sum(rows[j][src] * shapes[j][1] for j in owned) for src in range(k)]
+    device = us[0].device
+    send = torch.cat(send_parts) if send_parts else torch.empty(0, device=device)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+
+    # assemble whole matrices (shards arrive in rank order = row order), orthogonalise same shapes as a batch
+    pieces: dict[int, list[Tensor]] = {j: [] for j in owned}
+    offset = 0
+    for src in range(k):
+        for j in owned:
+            n = rows[j][src] * shapes[j][1]
+            pieces[j].append(recv[offset : offset + n].view(rows[j][src], shapes[j][1]))
+            offset += n
+    whole = [torch.cat(pieces[j]) for j in owned]
+    results = dict(zip(owned, F.orthogonalize_batched(whole, steps, compute_dtype)))
+
+    # backward: owners return row blocks; every rank receives its rows of every matrix
+    back_parts = []
+    for dest in range(k):
+        for j in owned:
+            start = sum(rows[j][:dest])
+            back_parts.append(results[j][start : start + rows[j][dest]].reshape(-1))
+    back = torch.cat(back_parts) if back_parts else torch.empty(0, device=device)
+    got = torch.empty(sum(send_sizes), dtype=torch.float32, device=device)
+    dist.all_to_all_single(got, back, send_sizes, recv_sizes, group=group)
+    offset = 0
+    for dest in range(k):
+        for j in order:
+            if owner[j] != dest:
+                continue
+            n = us[j].numel()
+            out[indices[j]] = got[offset : offset + n].view_as(us[j])
+            offset += n

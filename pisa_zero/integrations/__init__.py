@@ -1,0 +1,1 @@
+"""Host-framework integrations: one module per host (``fsdp``, ``deepspeed``, ...), imported on demand."""

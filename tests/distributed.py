@@ -1,0 +1,93 @@
+"""Run a function on N real gloo CPU ranks (forked processes) and collect what each rank returns.
+
+    from tests.distributed import run_distributed
+
+    def body(rank, world_size, x):          # module-level function; runs after init_process_group
+        ...
+        return something_picklable
+
+    results = run_distributed(body, 4, x, timeout=120)   # one result per rank, in rank order
+
+Each rank gets ``OMP_NUM_THREADS=1`` and a FileStore rendezvous in a fresh temporary directory (no port races), and
+ends with ``dist.destroy_process_group()`` then ``os._exit`` so gloo cannot abort at interpreter exit. A rank that
+raises makes the call fail with that rank's traceback; a run that passes ``timeout`` is killed (only the processes
+started here) and reported. Processes are forked (fast; the test process must not have started CUDA).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _worker(fn, rank: int, world_size: int, store_path: str, result_path: str, args, kwargs) -> None:
+    code = 0
+    try:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        result = ("ok", fn(rank, world_size, *args, **kwargs))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        result = ("error", traceback.format_exc())
+        code = 1
+    try:
+        with open(result_path, "wb") as f:
+            pickle.dump(result, f)
+    except Exception:  # noqa: BLE001
+        with open(result_path, "wb") as f:
+            pickle.dump(("error", traceback.format_exc()), f)
+        code = 1
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        os._exit(code)
+
+
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0, **kwargs) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results."""
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="pisa_dist_") as tmp:
+        store_path = os.path.join(tmp, "store")
+        result_paths = [os.path.join(tmp, f"result{r}.pkl") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, store_path, result_paths[r], args, kwargs))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join()
+        results, errors = [], []
+        for r, path in enumerate(result_paths):
+            if not os.path.exists(path):
+                why = ", timed out" if r in hung else ""
+                errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}{why})")
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(f"rank {r}:\n{value}")
+                results.append(None)
+            else:
+                results.append(value)
+        if errors:
+            head = f"distributed run of {fn.__name__} on {world_size} ranks failed:\n"
+            raise AssertionError(head + "\n".join(errors))
+        return results

@@ -1,0 +1,164 @@
+"""Mode B (agents): PISA's consensus over real gloo ranks == the m-agent reference (pisa_zero.reference).
+
+Plain (unsharded, k = 1) models here; FSDP2 (k > 1, NSISA routing, mode A) is in test_fsdp.py. Every check runs in
+one spawned process group per world size, and compares in the parent with a float64 reference.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _consensus_common import (  # noqa: E402
+    agent_batch,
+    agent_pools,
+    assert_matches_reference,
+    loss_fn,
+    make_model,
+    max_rel_err,
+    reference_run,
+)
+from distributed import run_distributed  # noqa: E402
+
+from pisa_zero import PISA  # noqa: E402
+from pisa_zero.consensus import AgentTopology  # noqa: E402
+
+HP = dict(sigma=2.0, rho=20.0, l2_lambda=0.01, eps=1e-8)
+TOL = 2e-6  # fp32 run vs float64 reference, relative (float32 round-off through 10 steps of a tanh MLP)
+
+
+def is_matrix(name, p):
+    return "nsisa" if p.ndim == 2 else "sisa"
+
+
+def _groups(model, mixed):
+    if not mixed:
+        return [{"params": list(model.parameters()), "preconditioner": "sisa"}]
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if is_matrix(n, p) == "nsisa"], "preconditioner": "nsisa"},
+        {"params": [p for n, p in named if is_matrix(n, p) == "sisa"], "preconditioner": "sisa"},
+    ]
+
+
+def _train(topo, steps, sizes, heterogeneous, mixed, set_sizes=True, nan_at=None, dtype=torch.float32):
+    model = make_model().to(dtype)
+    opt = PISA(_groups(model, mixed), consensus=topo, implementation="foreach", **HP)
+    pools = agent_pools(topo.agents, heterogeneous)
+    alphas = []
+    for t in range(steps):
+        x, y = agent_batch(pools, topo.agent_index, t, sizes[topo.agent_index])
+        if set_sizes:
+            opt.set_local_batch_size(sizes[topo.agent_index])
+        opt.zero_grad()
+        loss_fn(model, x.to(dtype), y).backward()
+        if nan_at is not None and t == nan_at[0] and torch.distributed.get_rank() == nan_at[1]:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        alphas.append(topo.alpha)
+    return model, opt, alphas
+
+
+def _weights(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _body(rank, world, steps):
+    out = {}
+    topo = AgentTopology.build(agents=world)
+    assert (topo.agents, topo.shard_size, topo.agent_index) == (world, 1, rank)
+    sizes = [5, 11, 8, 3][:world]
+    model, _, alphas = _train(topo, steps, sizes, heterogeneous=False, mixed=False)
+    out["iid_sisa"] = _weights(model)
+    out["alphas"] = alphas
+    model, _, _ = _train(topo, steps, sizes, heterogeneous=True, mixed=True)
+    out["hetero_nsisa"] = _weights(model)
+    if world == 2:
+        fresh = AgentTopology.build(agents=world)  # set_local_batch_size never called on it
+        model, _, alphas = _train(fresh, steps, sizes, heterogeneous=False, mixed=False, set_sizes=False)
+        out["equal"] = _weights(model)
+        out["equal_alphas"] = alphas
+        # a NaN gradient on rank 1 at step 2: every agent skips that step (no deadlock, no state touched)
+        model, opt, _ = _train(topo, 4, sizes, heterogeneous=False, mixed=False, nan_at=(2, 1))
+        out["nan"] = (_weights(model), opt.nonfinite_steps_skipped, int(opt.state[model.inp.weight]["step"]))
+        # bf16 parameters: fp32 master slice on its owner only, bf16 all-gather
+        model, opt, _ = _train(topo, steps, sizes, heterogeneous=False, mixed=False, dtype=torch.bfloat16)
+        out["bf16"] = (_weights(model), sum(t.numel() for t in topo._masters.values()))
+    return out
+
+
+def _check_identical(results, key):
+    for r in results[1:]:
+        for n, w in results[0][key].items():
+            assert torch.equal(w, r[key][n]), f"{key}: agents disagree on {n} (not bitwise identical)"
+
+
+@pytest.mark.slow
+def test_mode_b_two_agents_matches_reference():
+    steps = 10
+    results = run_distributed(_body, 2, steps, timeout=240)
+    for key in ("iid_sisa", "hetero_nsisa", "equal", "bf16"):
+        _check_identical([{k: v[0] if k == "bf16" else v for k, v in r.items()} for r in results], key)
+    sizes = [5, 11]
+    # α from the real batch sizes (all-reduced), equal weights when never set
+    assert results[0]["alphas"][-1] == pytest.approx(5 / 16) and results[1]["alphas"][-1] == pytest.approx(11 / 16)
+    assert results[0]["equal_alphas"][-1] == 0.5
+    ref = reference_run(steps, 2, sizes, False, "sisa", HP)
+    assert max_rel_err(results[0]["iid_sisa"], ref) <= TOL
+    ref_equal = reference_run(steps, 2, sizes, False, "sisa", HP, alphas=[1, 1])
+    assert max_rel_err(results[0]["equal"], ref_equal) <= TOL
+    # unequal α matters: the equal-weight run is far from the α-weighted reference
+    assert max_rel_err(results[0]["equal"], ref) > 100 * TOL
+    assert_matches_reference(results[0]["hetero_nsisa"], steps, 2, sizes, True, is_matrix, HP)
+    # non-finite gradient on one rank: both skip the same step, step counters agree
+    for r in results:
+        _, skipped, step = r["nan"]
+        assert (skipped, step) == (1, 3)
+    _check_identical([{"nan": r["nan"][0]} for r in results], "nan")
+    ref3 = reference_run(3, 2, sizes, False, "sisa", HP)
+    # steps 0, 1, 3 were taken (step 2 skipped): compare with a reference that saw batches 0, 1, 3
+    assert all(math.isfinite(w.sum().item()) for w in results[0]["nan"][0].values())
+    assert max_rel_err(results[0]["nan"][0], ref3) < 0.5  # sanity: finite and close to the 3-step point
+    # bf16 params: the fp32 master lives in halves (one slice per agent), the result tracks the reference
+    n_params = sum(w.numel() for w in ref.values())
+    assert results[0]["bf16"][1] == math.ceil(n_params / 2)
+    assert max_rel_err(results[0]["bf16"][0], ref) <= 2e-2
+
+
+@pytest.mark.slow
+def test_mode_b_four_agents_matches_reference():
+    steps = 10
+    results = run_distributed(_body, 4, steps, timeout=240)
+    _check_identical(results, "iid_sisa")
+    _check_identical(results, "hetero_nsisa")
+    sizes = [5, 11, 8, 3]
+    assert [r["alphas"][-1] for r in results] == pytest.approx([s / 27 for s in sizes])
+    assert max_rel_err(results[0]["iid_sisa"], reference_run(steps, 4, sizes, False, "sisa", HP)) <= TOL
+    assert_matches_reference(results[0]["hetero_nsisa"], steps, 4, sizes, True, is_matrix, HP)
+
+
+def test_topology_single_process_and_validation():
+    topo = AgentTopology.build(agents=1)
+    assert (topo.agents, topo.shard_size, topo.agent_index) == (1, 1, 0)
+    with pytest.raises(ValueError, match="agents=2"):
+        AgentTopology.build(agents=2)
+    with pytest.raises(ValueError, match="agents=0"):
+        AgentTopology.build(agents=0)
+    with pytest.raises(ValueError, match="n=-1"):
+        topo.set_local_batch_size(-1)
+    # one agent without torch.distributed is plain PISA
+    a, b = make_model(), make_model()
+    opt_a = PISA(a.parameters(), consensus=topo, implementation="foreach", **HP)
+    opt_b = PISA(b.parameters(), implementation="foreach", **HP)
+    x, y = agent_batch(agent_pools(1, False), 0, 0, 8)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
