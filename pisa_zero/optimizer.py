@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 PRECONDITIONERS = (*F.PRECONDITIONERS, "adamw")
 
-try:  # DTensor (FSDP2) support: the math runs on local shards; Newton–Schulz gathers whole matrices.
-    from torch.distributed.tensor import DTensor, distribute_tensor
+try:  # DTensor (FSDP2) support: the math runs on local shards; Newton–Schulz gets whole matrices routed to owners.
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()  # type: ignore[assignment]
 
@@ -186,6 +186,12 @@ class PISA(torch.optim.Optimizer):
         for group in self.param_groups:
             self._known_params.update(id(p) for p in group["params"])
 
+    def set_local_batch_size(self, n: float) -> None:
+        """Mode B: this rank's sample/token count, from which the agent weights α are computed (see
+        `pisa_zero.consensus.AgentTopology.set_local_batch_size`). Ignored in mode A."""
+        if self.consensus is not None:
+            self.consensus.set_local_batch_size(n)
+
     # ------------------------------------------------------------------------------------------------ state
     def _state_for(self, p: Tensor, preconditioner: str) -> dict:
         """Lazy per-tensor state, created as zeros_like(p) (flat ZeRO partitions and DTensors included)."""
@@ -236,7 +242,13 @@ class PISA(torch.optim.Optimizer):
         active = [(group, params) for group, params in active if params]
         if not active:
             return loss
-        if self.skip_nonfinite:
+        if self.consensus is not None:  # mode B: α and the skip decision are agreed by all ranks (one all-reduce)
+            grads = [_local(p.grad) for _, params in active for p in params]
+            if not self.consensus.begin_step(grads, self.skip_nonfinite):
+                self.nonfinite_steps_skipped += 1
+                logger.warning("PISA: non-finite gradient on some rank; step skipped on all ranks")
+                return loss
+        elif self.skip_nonfinite:
             grads = [_local(p.grad) for _, params in active for p in params]
             if not _all_finite(grads):
                 self.nonfinite_steps_skipped += 1
@@ -295,23 +307,19 @@ class PISA(torch.optim.Optimizer):
             us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
             device = params[0].device
             return F.orthogonalize_batched(us, group["ns_steps"], F.ns_compute_dtype(device))
-        # Sharded DTensors (FSDP2): gather each whole matrix, orthogonalise, keep this rank's shard.
+        # Sharded DTensors (FSDP2): whole matrices routed to owner ranks (pisa_zero.consensus), shards returned.
         local_us = F.nesterov_momentum(
             [_local(g) for g in grads], [_local(b) for b in momenta], group["momentum"], group["nesterov"]
         )
-        out = []
-        for p, u_local in zip(params, local_us):
-            if not isinstance(p, DTensor) or p.ndim != 2:
-                out.append(u_local)
-                continue
-            u = DTensor.from_local(u_local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            ortho = F.orthogonalize(u.full_tensor(), group["ns_steps"], F.ns_compute_dtype(u_local.device))
-            out.append(distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local())
-        return out
+        from .consensus import orthogonalize_sharded
+
+        return orthogonalize_sharded(params, local_us, group["ns_steps"], F.ns_compute_dtype(local_us[0].device))
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if self.consensus is not None:  # mode B: AdamW runs on the α-averaged gradient, identically on every agent
+            self.consensus.reduce_gradients([_local(p.grad) for p in params])
         for p in params:
             state = self._state_for(p, "adamw")
             state["step"] += 1
