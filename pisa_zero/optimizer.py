@@ -136,6 +136,10 @@ class PISA(torch.optim.Optimizer):
         self.state_dtype = state_dtype or torch.float32
         self.skip_nonfinite = skip_nonfinite
         self.consensus = consensus
+        # Set by an integration whose host hands the optimizer flat partitions (DeepSpeed ZeRO): called as
+        # fn(params, directions, group) -> orthogonalised directions, it does nsisa's Newton–Schulz on whole
+        # matrices (see pisa_zero.integrations.deepspeed). None: flat 1-D partitions are refused.
+        self.flat_partition_orthogonalizer = None
         self.nonfinite_steps_skipped = 0
         self._known_params: set[int] = set()
         super().__init__(params, defaults)
@@ -292,6 +296,10 @@ class PISA(torch.optim.Optimizer):
 
     def _nsisa_directions(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
         """O = NS5(g + μ b)·scale for whole matrices, u itself for other tensors; momentum b updated in place."""
+        if self.flat_partition_orthogonalizer is not None:
+            momenta = [s["momentum"] for s in states]
+            us = F.nesterov_momentum([p.grad for p in params], momenta, group["momentum"], group["nesterov"])
+            return self.flat_partition_orthogonalizer(params, us, group)
         for p in params:
             if _is_matrix_partition(p) or (p.ndim == 1 and id(p) not in self._known_params):
                 raise ValueError(

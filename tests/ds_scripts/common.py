@@ -1,0 +1,164 @@
+"""Shared pieces of the DeepSpeed tests: a tiny GPT-2, deterministic batches, configs, DeepSpeed and
+single-process training loops, and the consensus weights of an engine gathered from its fp32 partitions."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+VOCAB, SEQ, MICRO = 64, 16, 2
+
+
+def make_model(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    model.config.use_cache = False
+    return model
+
+
+def batch(step: int, global_batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    # a learnable pattern (token t+1 = token t + 1 mod VOCAB, random start) so the loss can fall
+    start = torch.randint(0, VOCAB, (global_batch, 1), generator=g)
+    return (start + torch.arange(SEQ)) % VOCAB
+
+
+def ds_config(stage: int, world: int, *, accum: int = 1, params: dict | None = None, **extra) -> dict:
+    cfg = {
+        "train_batch_size": MICRO * accum * world,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "PISA",
+            "params": params if params is not None else {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"},
+        },
+    }
+    for k, v in extra.items():
+        if k == "zero":
+            cfg["zero_optimization"].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def ds_engine(cfg: dict, seed: int = 0, use_register: bool = False):
+    import deepspeed
+
+    import pisa_zero.deepspeed as pds
+
+    model = make_model(seed)
+    if use_register:
+        pds.register()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    else:
+        engine, *_ = pds.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
+def ds_train(engine, steps: int, start: int = 0) -> list[float]:
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    accum = engine.gradient_accumulation_steps()
+    losses = []
+    for step in range(start, start + steps):
+        x = batch(step, MICRO * accum * world)
+        for a in range(accum):
+            lo = (a * world + rank) * MICRO
+            xb = x[lo : lo + MICRO].to(engine.device)
+            loss = engine(xb, labels=xb).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+    return losses
+
+
+def consensus_weights(engine) -> dict[str, torch.Tensor]:
+    """Whole fp32 master weights (the consensus w) from the engine's flat partitions, on every rank."""
+    from pisa_zero.integrations.deepspeed import gather_full, partition_layouts
+
+    zero_opt = engine.optimizer
+    if engine.zero_optimization_stage() in (1, 2):
+        flats = zero_opt.single_partition_of_fp32_groups
+    else:
+        flats = zero_opt.fp32_partitioned_groups_flat
+    layouts = partition_layouts(engine)
+    out = {}
+    for flat in flats:
+        out.update({k: v.clone() for k, v in gather_full(layouts[id(flat)], flat.detach().float()).items()})
+    return out
+
+
+def pisa_states(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole per-parameter optimizer state tensors (key -> tensor) gathered from the flat partitions."""
+    from pisa_zero.integrations.deepspeed import gather_full, partition_layouts
+
+    zero_opt = engine.optimizer
+    flats = (
+        zero_opt.single_partition_of_fp32_groups
+        if engine.zero_optimization_stage() in (1, 2)
+        else zero_opt.fp32_partitioned_groups_flat
+    )
+    layouts = partition_layouts(engine)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    pisa = engine.basic_optimizer
+    for flat in flats:
+        state = pisa.state.get(flat, {})
+        for key, t in state.items():
+            if torch.is_tensor(t) and t.dim() > 0:
+                for name, full in gather_full(layouts[id(flat)], t.float()).items():
+                    out.setdefault(name, {})[key] = full.clone()
+    return out
+
+
+def single_train(cfg: dict, steps: int, world: int, seed: int = 0, start_model=None):
+    """Single-process PISA (built from the same JSON) on the same global batches; returns (model, losses)."""
+    import pisa_zero.deepspeed as pds
+
+    model = start_model if start_model is not None else make_model(seed)
+    opt, sched = pds.build_optimizer(model, cfg)
+    clip = cfg.get("gradient_clipping", 0.0)
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    losses = []
+    for step in range(steps):
+        x = batch(step, MICRO * accum * world)
+        # the global batch, in the micro-batches the ranks see (same rounding of the per-chunk means)
+        loss = 0.0
+        for chunk in x.split(MICRO):
+            part = model(chunk, labels=chunk).loss / (accum * world)
+            part.backward()
+            loss += float(part)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
+        losses.append(float(loss))
+    return model, losses, opt
+
+
+def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    den = sum(float(b[k].double().pow(2).sum()) for k in a)
+    return (num / den) ** 0.5
