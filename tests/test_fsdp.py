@@ -1,0 +1,185 @@
+"""PISA on FSDP2 (real gloo ranks, CPU): mode A == single-process PISA, mode B == the m-agent reference,
+NSISA with whole matrices routed to owner ranks, auxiliary AdamW groups, bf16 mixed precision, CPU offload."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _consensus_common import (  # noqa: E402
+    agent_batch,
+    agent_pools,
+    assert_matches_reference,
+    loss_fn,
+    make_model,
+    max_rel_err,
+    rank_batch,
+)
+from distributed import run_distributed  # noqa: E402
+
+from pisa_zero import PISA  # noqa: E402
+from pisa_zero.consensus import AgentTopology  # noqa: E402
+from pisa_zero.integrations.fsdp import prepare  # noqa: E402
+
+HP = dict(sigma=10.0, rho=100.0, l2_lambda=0.01, eps=1e-8)  # σ=2, ρ=20 makes 20 NSISA steps chaotic (fp32≠fp64)
+ADAMW = dict(lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
+GLOBAL = 16  # mode A global batch
+
+
+def kinds(name, p):
+    return "nsisa" if p.ndim == 2 else "sisa"
+
+
+def make_groups(model, other):
+    """Block-like matrices on nsisa, the rest on ``other`` ("sisa" or "adamw"); "all-sisa": one sisa group."""
+    if other == "all-sisa":
+        return [{"params": list(model.parameters()), "preconditioner": "sisa"}]
+    named = list(model.named_parameters())
+    matrices = [p for n, p in named if p.ndim == 2]
+    rest = [p for n, p in named if p.ndim != 2]
+    extra = ADAMW if other == "adamw" else {}
+    return [{"params": matrices, "preconditioner": "nsisa"}, {"params": rest, "preconditioner": other, **extra}]
+
+
+def full_weights(model):
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def train_mode_a(steps, other, implementation="foreach"):
+    model = make_model()
+    model, opt = prepare(model, groups=make_groups(model, other), implementation=implementation, **HP)
+    k, r = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    pools = agent_pools(1, False)
+    for t in range(steps):
+        x, y = rank_batch(pools, 0, r, k, t, GLOBAL)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return full_weights(model)
+
+
+def train_mode_b(agents, steps, sizes, heterogeneous, groups, param_dtype=None, cpu_offload=False):
+    topo = AgentTopology.build(agents=agents)
+    model = make_model()
+    model, opt = prepare(
+        model, topo, groups=groups(model), param_dtype=param_dtype, cpu_offload=cpu_offload,
+        implementation="foreach", **HP,
+    )  # fmt: skip
+    pools = agent_pools(agents, heterogeneous)
+    i, k = topo.agent_index, topo.shard_size
+    for t in range(steps):
+        x, y = rank_batch(pools, i, topo.shard_index, k, t, sizes[i])
+        opt.set_local_batch_size(sizes[i] // k)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the sharded fp32 masters
+    return full_weights(model)
+
+
+def single_process(steps, other, implementation="foreach"):
+    model = make_model()
+    opt = PISA(make_groups(model, other), implementation=implementation, **HP)
+    pools = agent_pools(1, False)
+    for t in range(steps):
+        x, y = agent_batch(pools, 0, t, GLOBAL)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def two_agent_nsisa_adamw_reference(steps, sizes, heterogeneous):
+    """Independent float64 simulation of mode B with NSISA (reference.py, m agents) on the matrices and AdamW on
+    the α-averaged gradient (torch.optim.AdamW) for the rest."""
+    from pisa_zero.reference import ReferencePISA
+
+    model = make_model().double()
+    names = [n for n, _ in model.named_parameters()]
+    is_mat = [p.ndim == 2 for p in model.parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    ref = ReferencePISA([t for t, m in zip(w, is_mat) if m], len(sizes), preconditioner="nsisa", **HP)
+    others = [torch.nn.Parameter(t.clone()) for t, m in zip(w, is_mat) if not m]
+    adamw = torch.optim.AdamW(others, **ADAMW, eps=HP["eps"])
+    pools = agent_pools(len(sizes), heterogeneous)
+    alphas = [s / sum(sizes) for s in sizes]
+    for t in range(steps):
+        mats = iter(ref.w)
+        rest = iter(others)
+        current = [next(mats) if m else next(rest).detach() for m in is_mat]
+        grads = []
+        for i, n in enumerate(sizes):
+            x, y = agent_batch(pools, i, t, n)
+            params = {nm: c.clone().requires_grad_() for nm, c in zip(names, current)}
+            loss = loss_fn(lambda inp, params=params: torch.func.functional_call(model, params, (inp,)), x.double(), y)
+            grads.append(torch.autograd.grad(loss, list(params.values())))
+        for j, p in enumerate([q for q, m in zip(range(len(is_mat)), is_mat) if not m]):
+            others[j].grad = sum(a * g[p] for a, g in zip(alphas, grads))
+        adamw.step()
+        ref.step([lambda _w, g=g: [gq for gq, m in zip(g, is_mat) if m] for g in grads], alphas=sizes)
+    mats, rest = iter(ref.w), iter(others)
+    return {nm: (next(mats) if m else next(rest).detach()) for nm, m in zip(names, is_mat)}
+
+
+def _body(rank, world, steps):
+    out = {"mode_a_sisa": train_mode_a(steps, "all-sisa"), "mode_a_nsisa_adamw": train_mode_a(steps, "adamw")}
+    sizes = [6, 10] if world == 4 else [5, 11]
+    sizes_b = [s * (world // 2) for s in sizes]  # k = world/2 ranks per agent split the agent batch
+    out["b_nsisa_sisa"] = train_mode_b(2, steps, sizes_b, True, lambda m: make_groups(m, "sisa"))
+    out["b_nsisa_adamw"] = train_mode_b(2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"))
+    if world == 4:
+        out["b4_nsisa_sisa"] = train_mode_b(4, steps, [5, 11, 8, 3], True, lambda m: make_groups(m, "sisa"))
+        out["b_bf16_offload"] = train_mode_b(
+            2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"), param_dtype=torch.bfloat16, cpu_offload=True
+        )
+    return out
+
+
+def _identical_across_agents(results, key):
+    for r in results[1:]:
+        for n, w in results[0][key].items():
+            assert torch.equal(w, r[key][n]), f"{key}: ranks disagree on {n}"
+
+
+def _check(results, world, steps):
+    for key in results[0]:
+        _identical_across_agents(results, key)
+    # mode A == single-process PISA on the same global batch
+    assert (
+        max_rel_err(results[0]["mode_a_sisa"], {k: v.double() for k, v in single_process(steps, "all-sisa").items()})
+        <= 1e-6
+    )
+    single = {k: v.double() for k, v in single_process(steps, "adamw").items()}
+    err_a = max_rel_err(results[0]["mode_a_nsisa_adamw"], single)
+    sizes = [6, 10] if world == 4 else [5, 11]
+    sizes_b = [s * (world // 2) for s in sizes]
+    assert_matches_reference(results[0]["b_nsisa_sisa"], steps, 2, sizes_b, True, kinds, HP)
+    ref = two_agent_nsisa_adamw_reference(steps, sizes_b, True)
+    err_b = max_rel_err(results[0]["b_nsisa_adamw"], ref)
+    if world == 4:
+        assert_matches_reference(results[0]["b4_nsisa_sisa"], steps, 4, [5, 11, 8, 3], True, kinds, HP)
+        err_bf16 = max_rel_err(results[0]["b_bf16_offload"], ref)
+        assert err_bf16 <= 0.15, f"bf16 params + CPU offload drift {err_bf16:.3g} from the fp64 reference"
+    return err_a, err_b
+
+
+STEPS = 20
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks():
+    results = run_distributed(_body, 2, STEPS, timeout=300)
+    err_a, err_b = _check(results, 2, STEPS)
+    print(f"2 ranks: mode A nsisa+adamw vs single-process {err_a:.3g}; mode B nsisa+adamw vs reference {err_b:.3g}")
+    assert err_a <= 2e-5 and err_b <= 3e-5, (err_a, err_b)
+
+
+@pytest.mark.slow
+def test_fsdp2_four_ranks():
+    results = run_distributed(_body, 4, STEPS, timeout=300)
+    err_a, err_b = _check(results, 4, STEPS)
+    print(f"4 ranks: mode A nsisa+adamw vs single-process {err_a:.3g}; mode B nsisa+adamw vs reference {err_b:.3g}")
+    assert err_a <= 2e-5 and err_b <= 3e-5, (err_a, err_b)
