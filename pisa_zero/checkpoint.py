@@ -1,0 +1,208 @@
+"""Save / resume / reshard PISA training state with ``torch.distributed.checkpoint`` (DCP): FSDP2 or one process.
+
+    checkpoint.save(path, model, optimizer, extra={"step": t, "rng": torch.get_rng_state(), "data": pos})
+    extra = checkpoint.load(path, model, optimizer)
+
+Layout (a directory): DCP shards of ``{"model": ..., "optim_agent<i>": ...}`` (model and optimizer state from
+``get_state_dict``, keyed by parameter FQN), ``pisa_meta.json`` (agent count and the agents' last weights α) and
+``extra/rank<r>.pt`` (each rank's ``extra``). In mode B every agent's π_i, v_i, b_i are saved under that agent's own
+key — they are not replicas, so none is dropped. The model is the consensus w, identical on all agents (saved once).
+
+Atomic: everything is written to ``<path>.v-<id>``; after a barrier rank 0 points the symlink ``<path>`` at it with
+one ``os.replace`` and then removes the version it replaced. A writer killed at any moment leaves ``<path>`` pointing
+at the previous complete checkpoint (an orphaned ``<path>.v-*`` directory may remain).
+
+Resharding on load:
+- the shard count k changes freely (DCP reshards DTensors and plain tensors; 4 ranks → 2 → 1 process);
+- the agent count changes by the rule below (``agent_mapping``), where m = saved agents, m' = agents now:
+  * m' = m: agent i loads agent i's state;
+  * m' < m, m' divides m (merge): agent i' takes old agents i'·(m/m') … (i'+1)·(m/m') − 1 and sets each floating
+    state tensor (π, v, b, AdamW's moments) to their α-weighted average (α renormalised within the block; at the
+    fixed point π_j = −∇F_j(w*), so the average is minus the merged agent's gradient); step counters are copied;
+  * m' > m, m divides m' (split): agent i' copies old agent i'·m/m' (its new sub-agents start from the parent's duals);
+  * anything else raises ValueError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+META = "pisa_meta.json"
+FORMAT = 1
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _agents(optimizer) -> tuple[int, int, float]:
+    topo = getattr(optimizer, "consensus", None)
+    if topo is None:
+        return 1, 0, 1.0
+    return topo.agents, topo.agent_index, float(topo.alpha)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes a single process when torch.distributed is off: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _state_dicts(model: nn.Module, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    optimizer.init_state()  # every state tensor exists (zeros for parameters that never stepped)
+    return get_state_dict(model, optimizer)
+
+
+def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | None = None) -> str:
+    """Write model + optimizer (+ ``extra``) to ``path`` atomically; every rank calls it. Returns the version dir."""
+    import torch.distributed.checkpoint as dcp
+
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"checkpoint.save: invalid extra={type(extra).__name__}: expected a dict or None")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.islink(path) and not os.path.isdir(path):
+        raise ValueError(f"checkpoint.save: path={path!r} exists and is not a checkpoint directory")
+    agents, agent_index, alpha = _agents(optimizer)
+    version = [f"{path}.v-{uuid.uuid4().hex[:12]}"]
+    alphas = [alpha]
+    if _dist_on():
+        dist.broadcast_object_list(version, src=0)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (agent_index, alpha))
+        alphas = [dict(gathered)[i] for i in range(agents)]
+    version = version[0]
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    with _quiet():
+        dcp.save({"model": model_sd, f"optim_agent{agent_index}": optim_sd}, checkpoint_id=version)
+    os.makedirs(os.path.join(version, "extra"), exist_ok=True)
+    torch.save(extra or {}, os.path.join(version, "extra", f"rank{_rank()}.pt"))
+    if _rank() == 0:
+        with open(os.path.join(version, META), "w") as f:
+            json.dump({"format": FORMAT, "agents": agents, "alphas": alphas}, f)
+    _barrier()  # every rank's files are in place
+    if _rank() == 0:
+        _publish(path, version)
+    _barrier()
+    return version
+
+
+def _publish(path: str, version: str) -> None:
+    """Point ``path`` at ``version`` in one atomic rename; remove what it pointed to before."""
+    previous = os.path.realpath(path) if os.path.islink(path) else None
+    link = f"{path}.link-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.basename(version), link)
+    if os.path.isdir(path) and not os.path.islink(path):  # a plain directory from elsewhere: move it aside first
+        aside = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, aside)
+        os.replace(link, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(link, path)
+    if previous and previous != os.path.realpath(version) and os.path.isdir(previous):
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def agent_mapping(saved_agents: int, agents: int, agent_index: int, alphas: list[float]) -> list[tuple[int, float]]:
+    """[(old agent, weight)] that new agent ``agent_index`` of ``agents`` is built from (see the module doc)."""
+    if agents == saved_agents:
+        return [(agent_index, 1.0)]
+    if agents < saved_agents and saved_agents % agents == 0:
+        block = saved_agents // agents
+        sources = list(range(agent_index * block, (agent_index + 1) * block))
+        total = sum(alphas[j] for j in sources)
+        return [(j, alphas[j] / total) for j in sources]
+    if agents > saved_agents and agents % saved_agents == 0:
+        return [(agent_index * saved_agents // agents, 1.0)]
+    raise ValueError(
+        f"checkpoint.load: cannot map the saved agents={saved_agents} onto agents={agents}: "
+        "one agent count must divide the other (merge by α-weighted average, or split by copy)"
+    )
+
+
+def _empty_like_tree(tree):
+    if isinstance(tree, dict):
+        return {k: _empty_like_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_empty_like_tree(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return torch.zeros_like(tree)
+    return tree
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
+    """Load ``path`` into ``model`` and ``optimizer`` (every rank calls it); returns this rank's ``extra``
+    (rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = os.fspath(path)
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"checkpoint.load: path={path!r} is not a complete pisa_zero checkpoint (no {META})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint.load: unsupported format={meta.get('format')!r} in {meta_path}")
+    agents, agent_index, _ = _agents(optimizer)
+    sources = agent_mapping(meta["agents"], agents, agent_index, meta["alphas"])
+
+    model_sd, optim_template = _state_dicts(model, optimizer)
+    merged = None
+    with _quiet():
+        for n, (j, weight) in enumerate(sources):  # the same number of loads on every rank (DCP is collective)
+            optim_sd = _empty_like_tree(optim_template)
+            state = {f"optim_agent{j}": optim_sd}
+            if n == 0:
+                state["model"] = model_sd
+            dcp.load(state, checkpoint_id=path)
+            optim_sd = state[f"optim_agent{j}"]
+            if len(sources) == 1:
+                merged = optim_sd
+                break
+            if merged is None:
+                merged = optim_sd
+                for per_param in merged["state"].values():
+                    for key, t in per_param.items():
+                        if key != "step" and t.is_floating_point():
+                            _local(t).mul_(weight)
+            else:
+                for fqn, per_param in optim_sd["state"].items():
+                    for key, t in per_param.items():
+                        if key != "step" and t.is_floating_point():
+                            _local(merged["state"][fqn][key]).add_(_local(t), alpha=weight)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=merged)
+    extra_dir = os.path.join(path, "extra")
+    mine = os.path.join(extra_dir, f"rank{_rank()}.pt")
+    return torch.load(mine if os.path.exists(mine) else os.path.join(extra_dir, "rank0.pt"), weights_only=False)

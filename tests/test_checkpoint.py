@@ -1,0 +1,207 @@
+"""DCP checkpoints: atomic writes, extra round-trip, resharding 4 → 2 → 1 ranks (mode A), per-agent state saved,
+preserved and merged by the documented rule (mode B), and a writer killed mid-save."""
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _consensus_common import agent_pools, loss_fn, make_model, max_rel_err, rank_batch  # noqa: E402
+from distributed import run_distributed  # noqa: E402
+
+from pisa_zero import PISA, checkpoint  # noqa: E402
+from pisa_zero.consensus import AgentTopology  # noqa: E402
+from pisa_zero.integrations.fsdp import prepare  # noqa: E402
+
+HP = dict(sigma=10.0, rho=100.0, l2_lambda=0.01, eps=1e-8, implementation="foreach")
+GLOBAL = 16
+SAVE_AT, TOTAL = 4, 8
+
+
+def groups(model):
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for _, p in named if p.ndim == 2], "preconditioner": "nsisa"},
+        {"params": [p for _, p in named if p.ndim != 2], "preconditioner": "adamw", "lr": 3e-3},
+    ]
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def weights(model):
+    return {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def opt_state(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        (names[id(p)], k): _full(v).detach().clone() for p, s in opt.state.items() for k, v in s.items() if k != "step"
+    }
+
+
+def train(model, opt, start, stop, agents=1, agent=0, shard=0, shards=1, sizes=None):
+    pools = agent_pools(agents, agents > 1)
+    for t in range(start, stop):
+        n = GLOBAL if sizes is None else sizes[agent]
+        x, y = rank_batch(pools, agent, shard, shards, t, n)
+        if sizes is not None:
+            opt.set_local_batch_size(n // shards)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+
+
+def mode_a(world):
+    model = make_model()
+    return prepare(model, groups=groups(model), **HP)
+
+
+def _save_4(rank, world, root):
+    out = {}
+    # mode A: save at SAVE_AT, keep going to TOTAL (the uninterrupted run)
+    model, opt = mode_a(world)
+    train(model, opt, 0, SAVE_AT, shard=rank, shards=world)
+    checkpoint.save(os.path.join(root, "a"), model, opt, extra={"step": SAVE_AT, "rank": rank})
+    train(model, opt, SAVE_AT, TOTAL, shard=rank, shards=world)
+    out["a_final"] = weights(model)
+    # mode B, 2 agents × 2 shards, unequal batches: every agent's own state is saved
+    topo = AgentTopology.build(agents=2)
+    model = make_model()
+    model, opt = prepare(model, topo, groups=groups(model), **HP)
+    train(model, opt, 0, SAVE_AT, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
+    checkpoint.save(os.path.join(root, "b"), model, opt)
+    out["b_weights"] = weights(model)
+    out["b_state"] = opt_state(model, opt)
+    out["b_alpha"] = topo.alpha
+    return out
+
+
+def _load_2(rank, world, root):
+    out = {}
+    model, opt = mode_a(world)
+    extra = checkpoint.load(os.path.join(root, "a"), model, opt)
+    out["extra"] = extra
+    train(model, opt, SAVE_AT, TOTAL, shard=rank, shards=world)
+    out["a_final"] = weights(model)
+    # the same 2 agents on 1 rank each (k: 2 → 1): per-agent state preserved
+    topo = AgentTopology.build(agents=2)
+    model = make_model()
+    model, opt = prepare(model, topo, groups=groups(model), **HP)
+    checkpoint.load(os.path.join(root, "b"), model, opt)
+    out["b_weights"] = weights(model)
+    out["b_state"] = opt_state(model, opt)
+    # 2 agents merged into 1 (mode A over 2 ranks): α-weighted average of their states
+    model, opt = mode_a(world)
+    checkpoint.load(os.path.join(root, "b"), model, opt)
+    out["merged_state"] = opt_state(model, opt)
+    return out
+
+
+@pytest.mark.slow
+def test_save_4_ranks_load_2_and_1(tmp_path):
+    root = str(tmp_path)
+    saved = run_distributed(_save_4, 4, root, timeout=240)
+    assert os.path.islink(os.path.join(root, "a")) and os.path.isfile(os.path.join(root, "a", checkpoint.META))
+    loaded = run_distributed(_load_2, 2, root, timeout=240)
+
+    # mode A: 4 ranks → 2 ranks → continue == uninterrupted (fp32 round-off: gradient sums over 2 vs 4 ranks)
+    assert [r["extra"] for r in loaded] == [{"step": SAVE_AT, "rank": 0}, {"step": SAVE_AT, "rank": 1}]
+    assert max_rel_err(loaded[0]["a_final"], {k: v.double() for k, v in saved[0]["a_final"].items()}) <= 1e-5
+    # ... and → 1 process without torch.distributed
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    assert checkpoint.load(os.path.join(root, "a"), model, opt) == {"step": SAVE_AT, "rank": 0}
+    train(model, opt, SAVE_AT, TOTAL)
+    assert max_rel_err(weights(model), {k: v.double() for k, v in saved[0]["a_final"].items()}) <= 1e-5
+
+    # mode B: agent i's state on 2 ranks (k = 2 → 1) is exactly what agent i saved on 4 ranks; agents differ
+    agent_of_rank4 = {0: 0, 2: 1}
+    for new_rank, old_rank in ((0, 0), (1, 2)):
+        got, want = loaded[new_rank]["b_state"], saved[old_rank]["b_state"]
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (agent_of_rank4[old_rank], key)
+        for n, w in saved[0]["b_weights"].items():
+            assert torch.equal(loaded[new_rank]["b_weights"][n], w)
+    duals = [k for k in saved[0]["b_state"] if k[1] == "dual"]
+    assert duals and any(not torch.equal(saved[0]["b_state"][k], saved[2]["b_state"][k]) for k in duals)
+    # merge rule: α-weighted average of the two agents' states (α = 6/16 and 10/16)
+    a0, a1 = saved[0]["b_alpha"], saved[2]["b_alpha"]
+    assert (a0, a1) == pytest.approx((6 / 16, 10 / 16))
+    for key, got in loaded[0]["merged_state"].items():
+        want = a0 * saved[0]["b_state"][key] + a1 * saved[2]["b_state"][key]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # ... and in one process (2 agents → 1, no torch.distributed)
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    checkpoint.load(os.path.join(root, "b"), model, opt)
+    for key, got in opt_state(model, opt).items():
+        torch.testing.assert_close(got, loaded[0]["merged_state"][key], rtol=1e-6, atol=1e-7)
+
+
+def _killed_writer(path):
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    train(model, opt, 0, 2)
+    checkpoint.save(path, model, opt, extra={"step": 2})
+    train(model, opt, 2, 3)
+
+    class KillWhilePickled:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGKILL)  # the writer dies in the middle of writing checkpoint 2
+
+    checkpoint.save(path, model, opt, extra={"step": 3, "boom": KillWhilePickled()})
+    os._exit(0)
+
+
+def test_single_process_roundtrip_and_killed_writer(tmp_path):
+    path = str(tmp_path / "ckpt")
+    proc = mp.get_context("fork").Process(target=_killed_writer, args=(path,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    # the previous checkpoint is still there, complete, and loads
+    leftovers = [p for p in os.listdir(tmp_path) if p.startswith("ckpt.v-")]
+    assert len(leftovers) == 2  # the published version and the orphaned partial one
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    assert checkpoint.load(path, model, opt) == {"step": 2}
+    ref_model = make_model()
+    ref_opt = PISA(groups(ref_model), **HP)
+    train(ref_model, ref_opt, 0, 2)
+    for n, w in weights(ref_model).items():
+        assert torch.equal(weights(model)[n], w)
+    for key, v in opt_state(ref_model, ref_opt).items():
+        assert torch.equal(opt_state(model, opt)[key], v)
+    # resume == uninterrupted, bitwise (same process count, fp32)
+    train(model, opt, 2, 5)
+    train(ref_model, ref_opt, 2, 5)
+    for n, w in weights(ref_model).items():
+        assert torch.equal(weights(model)[n], w)
+    # a second save replaces the first atomically and removes it
+    checkpoint.save(path, model, opt, extra={"step": 5, "rng": torch.get_rng_state()})
+    fresh = make_model()
+    extra = checkpoint.load(path, fresh, PISA(groups(fresh), **HP))
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("ckpt.v-")]) == 2  # old version removed
+    assert extra["step"] == 5 and torch.equal(extra["rng"], torch.get_rng_state())
+
+
+def test_load_errors(tmp_path):
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    with pytest.raises(ValueError, match="not a complete pisa_zero checkpoint"):
+        checkpoint.load(tmp_path, model, opt)
+    with pytest.raises(ValueError, match="extra="):
+        checkpoint.save(tmp_path / "c", model, opt, extra=[1])
+    with pytest.raises(ValueError, match="agents=3 onto agents=2"):
+        checkpoint.agent_mapping(3, 2, 0, [1 / 3] * 3)
+    assert checkpoint.agent_mapping(4, 2, 1, [0.1, 0.2, 0.3, 0.4]) == [(2, 0.3 / 0.7), (3, 0.4 / 0.7)]
+    assert checkpoint.agent_mapping(2, 4, 3, [0.5, 0.5]) == [(1, 1.0)]
