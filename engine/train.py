@@ -16,10 +16,12 @@ import argparse
 import datetime
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # `python engine/train.py` / `deepspeed engine/train.py`: make `engine` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +34,9 @@ from engine import backends
 from engine.data import Batches, load_corpus, partition_domains, val_windows
 from engine.models import FAMILIES, SIZES, build_model, count_parameters
 from pisa_zero.monitor import TensorBoard, all_reduce_sum, peak_memory_mb
+
+# torch's collectives warn on every call about their own renames; keep the console readable
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 # ----------------------------------------------------------------------------------------------------- flags
@@ -284,6 +289,25 @@ def resolve_resume(args) -> str | None:
         return os.path.join(checkpoint_dir(args), f.read().strip())
 
 
+def prune_checkpoints(root: str, keep: int) -> None:
+    """Keep the newest ``keep`` step_NNNNNN checkpoints (a directory, or a symlink to a versioned directory as
+    pisa_zero.checkpoint writes them); remove older ones and orphaned versions of older steps."""
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n))
+    kept = names[-keep:]
+    targets = {os.path.realpath(os.path.join(root, n)) for n in kept}
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        step = re.match(r"step_(\d{6})", name)
+        if not step or name in kept or os.path.realpath(path) in targets or step.group(0) >= kept[0]:
+            continue
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            os.remove(path)
+            shutil.rmtree(real, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(backend, args, rank, step: int, extra: dict) -> str:
     """Write checkpoints/step_NNNNNN, then point ``latest`` at it (atomically), then prune old ones."""
     root = checkpoint_dir(args)
@@ -299,9 +323,7 @@ def save_checkpoint(backend, args, rank, step: int, extra: dict) -> str:
         with open(tmp, "w") as f:
             f.write(tag)
         os.replace(tmp, os.path.join(root, "latest"))
-        tags = sorted(t for t in os.listdir(root) if t.startswith("step_") and t != tag)
-        for old in tags[: max(0, len(tags) - args.keep_checkpoints + 1)]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        prune_checkpoints(root, args.keep_checkpoints)
     backends.barrier()
     return path
 

@@ -122,11 +122,12 @@ class Diagnostics:
     def snapshot(self) -> None:
         """Copy this rank's w and π (local shards) for the next ``measure()``; costs one copy of each, once."""
         self._before = {}
-        for p, state in self.pisa.state.items():
-            if not isinstance(p, Tensor):
-                continue
-            dual = state.get("dual")
-            self._before[id(p)] = (_local(p).detach().clone(), None if dual is None else _local(dual).clone())
+        params = {id(p): p for p in self.pisa.state if isinstance(p, Tensor)}
+        params.update({id(p): p for g in self.pisa.param_groups for p in g["params"]})  # state not created yet
+        for key, p in params.items():
+            dual = self.pisa.state[p].get("dual") if p in self.pisa.state else None
+            # no dual yet: it starts at 0 in the coming step
+            self._before[key] = (_local(p).detach().clone(), None if dual is None else _local(dual).clone())
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
@@ -155,9 +156,10 @@ class Diagnostics:
             w_old, dual_old = before
             rows.append((label, "update", _sumsq(w - w_old)))
             rows.append((label, "measured", torch.tensor(float(w.numel()), dtype=torch.float64)))
-            if dual is not None and dual_old is not None:
+            if dual is not None:
                 sigma = self._sigma(group)
-                d = (dual_old.float() - _local(dual).float()) / sigma
+                previous = dual_old.float() if dual_old is not None else 0.0
+                d = (previous - _local(dual).float()) / sigma
                 rows.append((label, "d", _sumsq(d)))
                 if mode_b:
                     mean_d = d.clone()

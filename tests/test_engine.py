@@ -1,0 +1,405 @@
+"""engine/train.py end to end: single process in-process, DeepSpeed (kill -9 + resume) and FSDP2 mode B under their
+real launchers on CPU/gloo. The corpus is the real embedded default (the stdlib source), built once per session."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from engine import data, models  # noqa: E402
+from engine.train import build_parser, lr_factor, main, parse_args  # noqa: E402
+
+TINY = ["--block-size", "64", "--batch-size", "8", "--eval-windows", "16", "--no-progress", "--warmup-steps", "3"]
+DIAGNOSTICS = ("primal_residual", "dual_residual", "dual_norm", "dual_rms", "update_rms", "sigma", "rho")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("corpus_cache"))
+    data.load_corpus(None, path)
+    return path
+
+
+@pytest.fixture
+def run(cache_dir, tmp_path):
+    """main(argv) in this process, with the signal handlers it installs put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def go(*argv, out="run"):
+        return main([*TINY, "--cache-dir", cache_dir, "--out-dir", str(tmp_path / out), *map(str, argv)])
+
+    yield go
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+# ------------------------------------------------------------------------------------------------- data/models
+def test_stdlib_corpus_is_deterministic_split_and_cached(cache_dir):
+    a = data.load_corpus(None, cache_dir)
+    b = data.load_corpus(None, cache_dir)
+    assert a.vocab_size == 256 and len(a.train) > 1_000_000 and len(a.val) > 50_000
+    assert np.array_equal(a.val[:1000], b.val[:1000]) and len(a.train) == len(b.train)
+    assert len(os.listdir(cache_dir)) == 1  # built once
+    domains = a.domains()
+    assert sum(domains.values()) == len(a.train) and {"json", "asyncio", "_toplevel"} <= domains.keys()
+    parts = data.partition_domains(a, 2)
+    assert sorted(sum(parts, [])) == sorted(domains) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(ValueError, match="heterogeneity"):
+        data.partition_domains(a, 10_000)
+
+
+def test_batches_are_a_function_of_seed_stream_step(cache_dir):
+    c = data.load_corpus(None, cache_dir)
+    b = data.Batches(c.train, 32, 4, seed=0, stream=0)
+    x1, y1 = b.get(5)
+    x2, _ = data.Batches(c.train, 32, 4, seed=0, stream=0).get(5)
+    x3, _ = data.Batches(c.train, 32, 4, seed=0, stream=1).get(5)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    seg = [s for s in c.segments if s[0] == "json"]
+    xs, _ = data.Batches(c.train, 32, 64, seed=0, stream=0, segments=seg).get(0)
+    text = b"".join(bytes(r.tolist()) for r in xs)
+    assert b"json" in text or b"JSON" in text
+    v1, v2 = data.val_windows(c.val, 32, 8), data.val_windows(c.val, 32, 8)
+    assert torch.equal(v1, v2) and v1.shape == (8, 33)
+
+
+def test_token_files_and_text(tmp_path):
+    tokens = np.arange(5000, dtype=np.uint16) % 300
+    tokens.tofile(tmp_path / "t.bin")
+    np.save(tmp_path / "t.npy", tokens)
+    for path in ("t.bin", "t.npy"):
+        c = data.load_corpus(str(tmp_path / path), str(tmp_path / "cache"), val_fraction=0.1)
+        assert c.vocab_size == 300 and len(c.train) == 4500 and len(c.val) == 500
+    (tmp_path / "docs").mkdir()
+    for i in range(60):
+        (tmp_path / "docs" / f"{i:02d}.txt").write_text(f"document {i}\n" * 20)
+    c = data.load_corpus(str(tmp_path / "docs"), str(tmp_path / "cache"))
+    assert c.vocab_size == 256 and bytes(c.val[:8]) == b"document"
+    with pytest.raises(ValueError, match="--data"):
+        data.load_corpus(str(tmp_path / "missing"), str(tmp_path / "cache"))
+
+
+def test_model_sizes_and_tied_routing():
+    import pisa_zero
+
+    with torch.device("meta"):
+        sizes = {
+            s: models.count_parameters(models.build_model("gpt2", s, vocab_size=50257, block_size=1024))
+            for s in models.SIZES
+        }
+        llama = models.count_parameters(models.build_model("llama", "1B", vocab_size=50257, block_size=1024))
+    assert sizes["tiny"] < 10e6 and 110e6 < sizes["124M"] < 130e6 and 330e6 < sizes["350M"] < 380e6
+    assert 0.9e9 < sizes["1B"] < 1.3e9 and 0.9e9 < llama < 1.3e9
+    model = models.build_model("gpt2", "tiny")
+    groups = pisa_zero.param_groups(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert any(p is model.transformer.wte.weight for p in groups[1]["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == models.count_parameters(model)
+    with pytest.raises(ValueError, match="size"):
+        models.build_model("gpt2", "7B")
+
+
+# ------------------------------------------------------------------------------------------------------ flags
+def test_help_describes_every_flag():
+    out = subprocess.run(
+        [sys.executable, "engine/train.py", "--help"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    text = re.sub(r"\s+", " ", out.stdout)
+    for action in build_parser()._actions:
+        for opt in action.option_strings:
+            assert opt in text, opt
+        assert action.help, action.option_strings
+    for command in ("deepspeed --num_gpus 2", "torchrun --nproc_per_node 2", "--backend single"):
+        assert command in text
+
+
+def test_bad_flags_fail_before_work():
+    with pytest.raises(SystemExit):
+        parse_args(["--agents", "2", "--backend", "single"])
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "0"])
+    args = parse_args(["--warmup-steps", "4", "--max-steps", "10", "--sigma", "5"])
+    assert args.backend == "single" and "sigma" in args.explicit and "rho" not in args.explicit
+    assert lr_factor(2, args) == 0.5 and lr_factor(4, args) == 1.0 and lr_factor(10, args) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------------ single
+def test_single_trains_logs_diagnostics_and_resumes_exactly(run, tmp_path, capsys):
+    assert (
+        run(
+            "--max-steps",
+            24,
+            "--eval-interval",
+            12,
+            "--diag-interval",
+            4,
+            "--log-interval",
+            4,
+            "--ckpt-interval",
+            12,
+            "--schedule",
+            "constant",
+        )
+        == 0
+    )
+    s = scalars(tmp_path / "run" / "tensorboard")
+    loss = s["train/loss"]
+    assert loss[24] < loss[1] - 1.0, loss
+    assert s["val/loss"][24] < s["val/loss"][12] < 5.0
+    for group in ("nsisa",):
+        for name in DIAGNOSTICS:
+            assert f"pisa/{group}/{name}" in s, name
+    for name in (
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/peak_memory_mb",
+        "train/lr/nsisa",
+        "train/lr/adamw",
+        "pisa/adamw/update_rms",
+        "val/perplexity",
+    ):
+        assert name in s, name
+    assert s["pisa/nsisa/sigma"][24] == 30.0 and s["pisa/nsisa/rho"][24] == 100.0
+    out = capsys.readouterr().out
+    assert "step 12: val loss" in out and "tensorboard --logdir" in out
+    # resume from step 12 and run to 24: the same numbers as the uninterrupted run
+    latest = tmp_path / "run" / "checkpoints" / "step_000012"
+    assert latest.is_dir()
+    assert (
+        run(
+            "--max-steps",
+            24,
+            "--eval-interval",
+            12,
+            "--diag-interval",
+            4,
+            "--log-interval",
+            4,
+            "--ckpt-interval",
+            12,
+            "--schedule",
+            "constant",
+            "--resume",
+            str(latest),
+            out="resumed",
+        )
+        == 0
+    )
+    assert "resumed from" in capsys.readouterr().out
+    r = scalars(tmp_path / "resumed" / "tensorboard")
+    assert 4 not in r["train/loss"]
+    assert r["train/loss"][24] == loss[24] and r["val/loss"][24] == s["val/loss"][24]
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(run, tmp_path, capsys):
+    assert run("--max-steps", 6, "--inject-nonfinite", "2,4", "--log-interval", 1, "--eval-interval", 0) == 0
+    s = scalars(tmp_path / "run" / "tensorboard")
+    assert s["train/nonfinite_skipped"][6] == 2 and np.isfinite(s["val/loss"][6])
+    assert run("--max-steps", 4, "--inject-nonfinite", "grad:3", "--log-interval", 1, out="grad") == 0
+    assert scalars(tmp_path / "grad" / "tensorboard")["train/nonfinite_skipped"][4] == 1
+    capsys.readouterr()
+    code = run("--max-steps", 20, "--inject-nonfinite", "3,4,5,6", "--max-nonfinite", 3, out="bad")
+    assert code == 3
+    assert "3 consecutive steps had a non-finite loss or gradient" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
+    out = tmp_path / "sig"
+    cmd = [
+        sys.executable,
+        "engine/train.py",
+        *TINY,
+        "--cache-dir",
+        cache_dir,
+        "--out-dir",
+        str(out),
+        "--max-steps",
+        "100000",
+        "--ckpt-interval",
+        "0",
+        "--eval-interval",
+        "0",
+        "--schedule",
+        "constant",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "tensorboard").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout
+    assert "stopped at step" in stdout and "(signal)" in stdout
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag.startswith("step_") and int(tag[5:]) > 0
+
+
+# -------------------------------------------------------------------------------------- multi-process launchers
+def _wait_for_checkpoint(proc, latest, at_least, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if latest.exists() and latest.read_text().strip() >= f"step_{at_least:06d}":
+            return
+        assert proc.poll() is None, "training exited before writing a checkpoint"
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_kill9_exits_then_resumes(cache_dir, tmp_path):
+    import psutil
+
+    out = tmp_path / "ds"
+    config = os.path.join(ROOT, "configs", "pisa_zero3.json")
+    if not os.path.exists(config):
+        config = str(tmp_path / "z3.json")
+        with open(config, "w") as f:
+            f.write('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "PISA", "params": {}}}')
+    base = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "engine/train.py",
+        "--deepspeed_config",
+        config,
+        *TINY,
+        "--cache-dir",
+        cache_dir,
+        "--out-dir",
+        str(out),
+        "--ckpt-interval",
+        "3",
+        "--eval-interval",
+        "0",
+        "--diag-interval",
+        "2",
+        "--log-interval",
+        "2",
+        "--schedule",
+        "constant",
+    ]
+    log = open(tmp_path / "ds.log", "w")
+    proc = subprocess.Popen(
+        [*base, "--max-steps", "100000"],
+        cwd=ROOT,
+        env=env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        latest = out / "checkpoints" / "latest"
+        _wait_for_checkpoint(proc, latest, 6, timeout=240)
+        victim = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline())
+        killed = time.time()
+        victim.kill()  # SIGKILL
+        code = proc.wait(timeout=90)
+        waited = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0 and waited < 60, (code, waited)
+    step = int(latest.read_text().strip()[5:])
+    assert (out / "checkpoints" / f"step_{step:06d}").is_dir()
+    s = scalars(out / "tensorboard")
+    for name in DIAGNOSTICS:
+        assert f"pisa/nsisa/{name}" in s, name
+    resumed = subprocess.run(
+        [*base, "--max-steps", str(step + 2)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    text = resumed.stdout + resumed.stderr
+    assert f"at step {step}" in text and f"finished: step {step + 2}" in text
+    assert (out / "checkpoints" / f"step_{step + 2:06d}").is_dir()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_agents_mode_b_end_to_end(cache_dir, tmp_path):
+    out = tmp_path / "fsdp"
+    cmd = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "engine/train.py",
+        "--backend",
+        "fsdp2",
+        "--agents",
+        "2",
+        "--heterogeneity",
+        *TINY,
+        "--cache-dir",
+        cache_dir,
+        "--out-dir",
+        str(out),
+        "--max-steps",
+        "12",
+        "--eval-interval",
+        "6",
+        "--diag-interval",
+        "3",
+        "--log-interval",
+        "3",
+        "--ckpt-interval",
+        "6",
+        "--schedule",
+        "constant",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    s = scalars(out / "tensorboard")
+    assert s["val/loss"][12] < s["val/loss"][6] < 5.0
+    assert s["pisa/nsisa/consensus_disagreement"][12] > 0
+    for name in DIAGNOSTICS:
+        assert f"pisa/nsisa/{name}" in s, name
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000012"
+
+
+def test_prune_keeps_newest_and_in_progress_versions(tmp_path):
+    from engine.train import prune_checkpoints
+
+    for s in (3, 6, 9):
+        (tmp_path / f"step_{s:06d}.v-a").mkdir()
+        os.symlink(f"step_{s:06d}.v-a", tmp_path / f"step_{s:06d}")
+    (tmp_path / "step_000001.v-orphan").mkdir()
+    (tmp_path / "step_000012.v-writing").mkdir()
+    prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == [
+        "step_000006",
+        "step_000006.v-a",
+        "step_000009",
+        "step_000009.v-a",
+        "step_000012.v-writing",
+    ]
