@@ -200,8 +200,16 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
             other["lr"] = args.aux_lr
         if "aux_weight_decay" in explicit or "weight_decay" not in other:
             other["weight_decay"] = args.aux_weight_decay
-    if logdir:  # DeepSpeed's own monitor writes its Train/Samples/* scalars next to ours
-        config.setdefault("tensorboard", {"enabled": True, "output_path": logdir, "job_name": "deepspeed"})
+    # DeepSpeed's own monitor writes its Train/Samples/* scalars next to ours (or nowhere with --no-tensorboard)
+    config["tensorboard"] = {"enabled": bool(logdir), "output_path": logdir or "", "job_name": "deepspeed"}
+    if args.schedule != "config" and config.pop("scheduler", None) is not None:
+        print(
+            f"[pisa_zero] the lr schedule comes from --schedule {args.schedule} / --warmup-steps / --max-steps; "
+            "the config's 'scheduler' is ignored (use --schedule config to keep it)",
+            flush=True,
+        )
+    if "dtype" in explicit:
+        config["bf16"] = {**config.get("bf16", {}), "enabled": args.dtype == "bf16"}
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config

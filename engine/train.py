@@ -131,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop (with a final eval and checkpoint) after this many minutes of training",
     )
     s.add_argument("--warmup-steps", type=int, default=20, help="linear lr warm-up (σ, ρ scale by lr_ref/lr)")
-    s.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr after warm-up")
+    s.add_argument(
+        "--schedule",
+        choices=("cosine", "constant", "config"),
+        default="cosine",
+        help="lr after warm-up; config: keep the DeepSpeed config's own scheduler",
+    )
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the lr")
     s.add_argument("--seed", type=int, default=0, help="model init and data order")
 
@@ -187,6 +192,8 @@ def parse_args(argv=None):
     for name in ("max_steps", "batch_size", "grad_accum", "block_size", "agents", "eval_windows", "keep_checkpoints"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.schedule == "config" and args.backend != "deepspeed":
+        parser.error("--schedule config needs the deepspeed back end (a 'scheduler' in its config)")
     if args.agents > 1 and args.backend != "fsdp2":
         parser.error(f"--agents {args.agents} needs --backend fsdp2 (mode B)")
     spec = args.inject_nonfinite
@@ -432,7 +439,7 @@ def main(argv=None) -> int:
     while step < args.max_steps:
         step_started = time.time()
         factor = lr_factor(step + 1, args)
-        if backend.name != "deepspeed" or backend.scheduler is None:
+        if args.schedule != "config":
             for g in backend.pisa.param_groups:
                 g["lr"] = g["lr_ref"] * factor
         diag = step + 1 == 1 or (step + 1) % args.diag_interval == 0

@@ -337,7 +337,12 @@ def test_deepspeed_zero3_kill9_exits_then_resumes(cache_dir, tmp_path):
     for name in DIAGNOSTICS:
         assert f"pisa/nsisa/{name}" in s, name
     resumed = subprocess.run(
-        [*base, "--max-steps", str(step + 2)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240
+        [*base, "--max-steps", str(step + 2), "--resume"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     text = resumed.stdout + resumed.stderr
