@@ -86,36 +86,41 @@ def _consolidate_zero12(optim: list[dict], param_shapes: list[dict]) -> tuple[di
 
 def _consolidate_zero3(optim: list[dict], param_shapes: list[dict]) -> tuple[dict, list[dict]]:
     world = len(optim)
-    inner0 = optim[0]["optimizer_state_dict"]["optimizer_state_dict"]
+    inner0 = optim[0]["optimizer_state_dict"]
     groups = inner0["param_groups"]
     flats, steps = [], []
+    present: dict[str, set[int]] = {}  # state key -> sub-groups that have it (nsisa and adamw groups differ)
     for sd in optim:
-        inner = sd["optimizer_state_dict"]["optimizer_state_dict"]
-        fp32 = sd["optimizer_state_dict"]["fp32_flat_groups"]
-        keys: dict[str, list[torch.Tensor]] = {"fp32": list(fp32)}
+        inner = sd["optimizer_state_dict"]
+        fp32 = sd["fp32_flat_groups"]
+        keys: dict[str, list] = {"fp32": list(fp32)}
         sg_steps = []
         for sg in range(len(fp32)):
             state = inner["state"].get(sg, {})
             for k in _tensor_state_keys(state):
                 keys.setdefault(k, [None] * len(fp32))[sg] = state[k]
+                present.setdefault(k, set()).add(sg)
             sg_steps.append(state.get("step"))
-        for k, lst in keys.items():
-            if any(x is None for x in lst):
-                raise ValueError(f"pisa_zero: state {k!r} exists for some ZeRO-3 sub-groups only (mixed groups?)")
-        flats.append({k: torch.cat([x.reshape(-1) for x in v]) for k, v in keys.items()})
+        flats.append(
+            {k: torch.cat([(x if x is not None else torch.zeros_like(fp32[j])).reshape(-1) for j, x in enumerate(v)])
+             for k, v in keys.items()}
+        )  # fmt: skip
         steps.append(sg_steps)
+    present["fp32"] = set(range(len(optim[0]["fp32_flat_groups"])))
     sub_group_bounds = [0]
-    for t in optim[0]["optimizer_state_dict"]["fp32_flat_groups"]:
+    for t in optim[0]["fp32_flat_groups"]:
         sub_group_bounds.append(sub_group_bounds[-1] + t.numel())
     out: dict[str, dict] = {}
     offset = 0
     for name, shape in ((n, s) for d in param_shapes for n, s in d.items()):
         numel = int(torch.Size(shape).numel())
         pn = -(-numel // world)
-        entry = {
-            k: torch.cat([f[k][offset : offset + pn] for f in flats])[:numel].reshape(shape).clone() for k in flats[0]
-        }
         sg = max(j for j, b in enumerate(sub_group_bounds[:-1]) if b <= offset)
+        entry = {
+            k: torch.cat([f[k][offset : offset + pn] for f in flats])[:numel].reshape(shape).clone()
+            for k in flats[0]
+            if sg in present.get(k, ())
+        }
         if steps[0][sg] is not None:
             entry["step"] = torch.as_tensor(steps[0][sg]).clone()
         out[name] = entry
@@ -148,9 +153,7 @@ def convert_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = N
     if not os.path.exists(model_file):
         model_file = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt")
     model_state = _load(model_file)
-    stage = int(optim[0].get("zero_stage", 3 if "fp32_flat_groups" in optim[0].get("optimizer_state_dict", {}) else 0))
-    if "optimizer_state_dict" in optim[0] and "fp32_flat_groups" in optim[0]["optimizer_state_dict"]:
-        stage = 3
+    stage = int(optim[0].get("zero_stage", 0))
     if stage in (1, 2):
         params, groups = _consolidate_zero12(optim, model_state["param_shapes"])
     elif stage == 3:

@@ -25,6 +25,8 @@ def make_model(seed: int = 0):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(cfg)
     model.config.use_cache = False
@@ -90,6 +92,13 @@ def ds_train(engine, steps: int, start: int = 0) -> list[float]:
             engine.step()
             losses.append(float(loss))
     return losses
+
+
+def consensus_partitions(engine) -> list[torch.Tensor]:
+    zero_opt = engine.optimizer
+    if engine.zero_optimization_stage() in (1, 2):
+        return list(zero_opt.single_partition_of_fp32_groups)
+    return list(zero_opt.fp32_partitioned_groups_flat)
 
 
 def consensus_weights(engine) -> dict[str, torch.Tensor]:

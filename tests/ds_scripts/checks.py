@@ -1,0 +1,113 @@
+"""Per-rank bodies of the DeepSpeed tests (run by tests/distributed.run_distributed on forked gloo CPU ranks)."""
+
+from __future__ import annotations
+
+import os
+
+from . import common as C
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def train_and_gather(rank, world, cfg, steps, use_register=False, seed=0):
+    """Train ``steps`` steps; return (consensus weights, rank-0 losses, effective (σ, ρ, lr) per step of group 0)."""
+    engine = C.ds_engine(cfg, seed=seed, use_register=use_register)
+    pisa = engine.basic_optimizer
+    hyper, losses = [], []
+    for step in range(steps):
+        g = pisa.param_groups[0]
+        hyper.append((g["lr"], *pisa.effective_hyperparameters(g)) if g["lr"] else (0.0, float("inf"), float("inf")))
+        losses += C.ds_train(engine, 1, start=step)
+    info = {
+        "optimizer_type": type(engine.optimizer).__name__,
+        "basic_type": type(pisa).__name__,
+        "n_partitions": len(C.consensus_partitions(engine)),
+        "offload": bool(
+            getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False)
+        ),
+        "state_keys": sorted({k for s in pisa.state.values() for k in s}),
+    }
+    return C.consensus_weights(engine), losses, hyper, info
+
+
+def save_resume(rank, world, cfg, ckpt_dir, steps_before, steps_after):
+    """Train, save, train on (run A); fresh engine, load, train on (run B); also return the states at save time and
+    the zero_to_fp32 export of the checkpoint."""
+    import torch.distributed as dist
+
+    engine = C.ds_engine(cfg)
+    C.ds_train(engine, steps_before)
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    at_save = C.consensus_weights(engine)
+    states_at_save = C.pisa_states(engine)
+    C.ds_train(engine, steps_after, start=steps_before)
+    run_a = C.consensus_weights(engine)
+    del engine
+    engine = C.ds_engine(cfg, seed=123)  # different init: everything must come from the checkpoint
+    engine.load_checkpoint(ckpt_dir, tag="t")
+    loaded_states = C.pisa_states(engine)
+    C.ds_train(engine, steps_after, start=steps_before)
+    run_b = C.consensus_weights(engine)
+    exported = None
+    dist.barrier()
+    if rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        exported = {k: v.clone() for k, v in get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag="t").items()}
+    return {
+        "at_save": at_save,
+        "states_at_save": states_at_save,
+        "loaded_states": loaded_states,
+        "run_a": run_a,
+        "run_b": run_b,
+        "exported": exported,
+    }
+
+
+def load_converted(rank, world, cfg, folder, steps_after, start):
+    """Fresh engine at this world size, load the converted folder, check the state, continue training."""
+    from pisa_zero.deepspeed import load_universal
+
+    engine = C.ds_engine(cfg, seed=321)
+    meta = load_universal(engine, folder)
+    loaded = C.pisa_states(engine)
+    weights = C.consensus_weights(engine)
+    C.ds_train(engine, steps_after, start=start)
+    return {
+        "loaded_states": loaded,
+        "loaded_weights": weights,
+        "final": C.consensus_weights(engine),
+        "meta": meta,
+        "global_steps": engine.global_steps,
+    }
+
+
+def many(rank, world, jobs):
+    """Run several ``(name, function name, kwargs)`` checks in one process group (amortises process start-up)."""
+    import sys
+
+    out = {}
+    module = sys.modules[__name__]
+    for name, fn, kwargs in jobs:
+        out[name] = getattr(module, fn)(rank, world, **kwargs)
+    return out
+
+
+def unhooked_nsisa(rank, world, cfg):
+    """Plain ``deepspeed.initialize`` with a PISA(nsisa) callable and no pisa_zero hook: must refuse loudly."""
+    import deepspeed
+
+    from pisa_zero import PISA
+
+    model = C.make_model()
+    cfg = dict(cfg)
+    cfg.pop("optimizer")
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=lambda ps: PISA(ps, sigma=30.0, rho=100.0, preconditioner="nsisa"), config=cfg
+    )
+    try:
+        C.ds_train(engine, 1)
+    except ValueError as e:
+        return str(e)
+    return None
