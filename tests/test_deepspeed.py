@@ -351,3 +351,61 @@ def _many(rank, world, jobs):
 
 
 _many_k = _many
+
+
+def _mode_b_reference(agents, k, steps, params, dtype):
+    """The m-agent `pisa_zero.reference` fed the same per-agent batches (agent gradient = mean of its k ranks')."""
+    from pisa_zero.reference import ReferencePISA
+
+    model = C.make_model().to(dtype)
+    names = [n for n, _ in model.named_parameters()]
+    hp = {k_: v for k_, v in params.items() if k_ not in ("implementation", "agents")}
+    ref = ReferencePISA([p.detach() for p in model.parameters()], agents, dtype=dtype, **hp)
+    for step in range(steps):
+        fns = []
+        for a in range(agents):
+            x = C.batch(step * agents + a, C.MICRO * k)
+
+            def grad_fn(w, x=x):
+                ps = {n: wi.detach().requires_grad_() for n, wi in zip(names, w)}
+                call = torch.func.functional_call
+                loss = sum(call(model, ps, (xb,), {"labels": xb}).loss for xb in x.split(C.MICRO)) / k
+                return torch.autograd.grad(loss, list(ps.values()))
+
+            fns.append(grad_fn)
+        ref.step(fns, alphas=[1.0] * agents)
+    return dict(zip(names, ref.w))
+
+
+@pytest.mark.slow
+def test_mode_b_agents_under_deepspeed():
+    """4 ranks = 2 agents × 2: DeepSpeed shards/averages inside an agent (AgentMPU as its mpu), PISA runs the
+    consensus across agents. ZeRO-2 sisa (topology=) and ZeRO-3 nsisa ("agents": 2 in the JSON) == the 2-agent
+    float64 reference within 3× the reference's own fp32 round-off; every rank holds the same consensus; same-topology
+    save/resume is bit-identical. Clipping is refused in mode B."""
+    sisa = {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"}
+    nsisa = {"sigma": 30.0, "rho": 100.0, "preconditioner": "nsisa", "implementation": "foreach"}
+    tmp = tempfile.mkdtemp(prefix="pisa_ds_modeb_")
+    try:
+        jobs = [
+            ("z2", "mode_b", {"cfg": C.ds_config(2, 2, params=sisa), "agents": 2, "steps": 6}),
+            ("z3n", "mode_b", {"cfg": C.ds_config(3, 2, params=dict(nsisa, agents=2), zero={"sub_group_size": 3000}),
+                               "agents": 2, "steps": 6, "via_json": True, "ckpt_dir": os.path.join(tmp, "ck")}),
+        ]  # fmt: skip
+        res = run_distributed(_many, 4, jobs, timeout=400)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, params in (("z2", sisa), ("z3n", nsisa)):
+        w = [r[name]["weights"] for r in res]
+        assert all(all(torch.equal(w[i][n], w[0][n]) for n in w[0]) for i in range(4)), name
+        assert (res[0][name]["dp"], res[0][name]["mp"]) == (2, 2)
+        with one_thread():
+            r64 = _mode_b_reference(2, 2, 6, params, torch.float64)
+            r32 = _mode_b_reference(2, 2, 6, params, torch.float32)
+        err, roundoff = C.rel_err(w[0], r64), C.rel_err(r32, r64)
+        assert err <= max(2e-6, 3 * roundoff), (name, err, roundoff)
+    r = res[0]["z3n"]
+    assert all(torch.equal(r["weights"][n], r["resumed"][n]) for n in r["weights"])
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        pds.initialize(model=torch.nn.Linear(2, 2), config=C.ds_config(2, 2, params=dict(sisa, agents=2),
+                                                                       gradient_clipping=1.0))  # fmt: skip

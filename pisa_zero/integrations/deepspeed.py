@@ -47,7 +47,8 @@ TESTED_DEEPSPEED = ((0, 19),)
 #: PISA constructor keywords a JSON ``optimizer.params`` block may set.
 PISA_KEYS = tuple(k for k in inspect.signature(PISA.__init__).parameters if k not in ("self", "params", "consensus"))
 #: Keys of ``optimizer.params`` that select how parameters are grouped (ours, not PISA's constructor).
-GROUPING_KEYS = ("param_groups", "matrix_preconditioner", "other_preconditioner", "other_options")
+#: (``agents``: mode B with that many agents; see :class:`AgentMPU`.)
+GROUPING_KEYS = ("param_groups", "matrix_preconditioner", "other_preconditioner", "other_options", "agents")
 #: Per-group options a ``other_options`` block may set.
 GROUP_OPTION_KEYS = (
     "lr",
@@ -102,6 +103,7 @@ class PISASpec:
     matrix_preconditioner: str | None
     other_preconditioner: str
     other_options: dict
+    agents: int = 1
 
     def preconditioners(self) -> set[str]:
         if not self.auto_groups:
@@ -161,7 +163,10 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
         other_options.setdefault("lr", 3e-3)
         other_options.setdefault("weight_decay", 0.0)
     matrix = params.get("matrix_preconditioner", kwargs.get("preconditioner", "nsisa")) if auto else None
-    spec = PISASpec(kwargs, auto, matrix, other, other_options)
+    agents = params.get("agents", 1)
+    if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:
+        raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.agents={agents!r}: expected an integer >= 1")
+    spec = PISASpec(kwargs, auto, matrix, other, other_options, agents)
     # Validation by PISA itself, on dummies: the message names the key and the value.
     try:
         if auto:
@@ -237,15 +242,15 @@ def _check_deepspeed_version() -> None:
 
 
 # -------------------------------------------------------------------------------------------------- builders
-def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None) -> Callable:
-    """The callable DeepSpeed calls with ``model_parameters`` to build PISA."""
+def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None, consensus=None) -> Callable:
+    """The callable DeepSpeed calls with ``model_parameters`` to build PISA (``consensus``: mode B topology)."""
 
     def build(model_parameters):
         if spec.auto_groups:
             if model is None:
                 raise ValueError('pisa_zero.deepspeed: "param_groups": "auto" needs the model')
-            return PISA(spec.groups(model), **spec.kwargs)
-        return PISA(model_parameters, **spec.kwargs)
+            return PISA(spec.groups(model), consensus=consensus, **spec.kwargs)
+        return PISA(model_parameters, consensus=consensus, **spec.kwargs)
 
     return build
 
@@ -268,11 +273,15 @@ def build_optimizer(model: torch.nn.Module, config: dict | str, model_parameters
     return optimizer, scheduler
 
 
-def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, **kwargs):
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, *, topology=None, **kwargs):
     """Drop-in for ``deepspeed.initialize`` that builds PISA from ``"optimizer": {"type": "PISA", "params": ...}``.
 
     Returns what ``deepspeed.initialize`` returns: ``(engine, optimizer, training_dataloader, lr_scheduler)``.
     A config whose optimizer is not PISA, or an explicit ``optimizer=``, is passed to DeepSpeed unchanged.
+
+    Mode B (agents): pass ``topology=`` (a `pisa_zero.consensus.AgentTopology`) or set ``"agents": m`` in
+    ``optimizer.params``; DeepSpeed then shards and averages inside each agent only (through :class:`AgentMPU`) and
+    PISA runs the consensus across agents. Batch sizes in the config are per agent.
     """
     import deepspeed
 
@@ -287,10 +296,29 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         raise ValueError("pisa_zero.deepspeed: initialize requires a model")
     spec = parse_pisa_params(cfg["optimizer"].get("params"))
     cfg = prepare_config(cfg, spec)
+    if topology is not None or spec.agents > 1:
+        if kwargs.get("mpu") is not None:
+            raise ValueError("pisa_zero.deepspeed: mode B (topology= / optimizer.params.agents) replaces mpu=")
+        if float(cfg.get("gradient_clipping", 0.0) or 0.0) > 0:
+            raise ValueError(
+                "pisa_zero.deepspeed: gradient_clipping > 0 is not supported in mode B: DeepSpeed would clip every "
+                "agent with agent 0's gradient norm (it takes the agent dimension for tensor parallelism)"
+            )
+        if topology is None:
+            from ..consensus import AgentTopology
+
+            if not dist.is_initialized():
+                from deepspeed.accelerator import get_accelerator
+
+                deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+            topology = AgentTopology.build(spec.agents)
+        elif spec.agents not in (1, topology.agents):
+            raise ValueError(f"pisa_zero.deepspeed: optimizer.params.agents={spec.agents} != topology.agents")
+        kwargs["mpu"] = AgentMPU(topology)
     result = _original_initialize()(
         args=ds_args,
         model=model,
-        optimizer=optimizer_factory(spec, model),
+        optimizer=optimizer_factory(spec, model, consensus=topology),
         model_parameters=model_parameters,
         config=cfg,
         **kwargs,
@@ -298,7 +326,6 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     engine = result[0]
     if "nsisa" in spec.preconditioners():
         install_nsisa(engine)
-    del deepspeed
     return result
 
 
@@ -557,3 +584,52 @@ def install_nsisa(engine) -> None:
     if engine.zero_optimization_stage() == 0:
         return
     pisa.flat_partition_orthogonalizer = _PartitionOrthogonalizer(partition_layouts(engine))
+
+
+# ----------------------------------------------------------------------------------------------- mode B
+class AgentMPU:
+    """A DeepSpeed ``mpu`` that makes an agent (``topology.shard_group``) DeepSpeed's data-parallel group, so ZeRO
+    shards and averages only inside an agent, and the ranks holding the same shard in different agents
+    (``topology.agent_group``) its "model-parallel" group, where PISA's consensus runs (mode B).
+
+    Experimental (see docs/deepspeed.md "Mode B"): DeepSpeed believes the agent dimension is tensor parallelism.
+    """
+
+    def __init__(self, topology):
+        self.topology = topology
+
+    # data parallel = inside one agent
+    def get_data_parallel_group(self):
+        return self.topology.shard_group
+
+    def get_data_parallel_world_size(self):
+        return self.topology.shard_size
+
+    def get_data_parallel_rank(self):
+        return self.topology.shard_index
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(self.topology.shard_group)
+
+    # "model parallel" = across agents
+    def get_model_parallel_group(self):
+        return self.topology.agent_group
+
+    def get_model_parallel_world_size(self):
+        return self.topology.agents
+
+    def get_model_parallel_rank(self):
+        return self.topology.agent_index
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return dist.get_process_group_ranks(self.topology.agent_group)[0]
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0

@@ -111,3 +111,42 @@ def unhooked_nsisa(rank, world, cfg):
     except ValueError as e:
         return str(e)
     return None
+
+
+def _agent_train(engine, steps: int, start: int = 0) -> None:
+    """Each agent trains on its own data: agent a's batch at step t is batch(t·m + a), split over its k ranks."""
+    topo = engine.basic_optimizer.consensus
+    m, k = topo.agents, topo.shard_size
+    for step in range(start, start + steps):
+        x = C.batch(step * m + topo.agent_index, C.MICRO * k)
+        xb = x[topo.shard_index * C.MICRO : (topo.shard_index + 1) * C.MICRO].to(engine.device)
+        engine.backward(engine(xb, labels=xb).loss)
+        engine.step()
+
+
+def mode_b(rank, world, cfg, agents, steps, via_json=False, ckpt_dir=None):
+    """Mode B under DeepSpeed: ZeRO inside each agent (AgentMPU), PISA's consensus across agents. Returns the
+    consensus weights, the engine's dp/mp sizes and, with ``ckpt_dir``, a same-topology save/resume check."""
+    import pisa_zero.deepspeed as pds
+    from pisa_zero.consensus import AgentTopology
+
+    def build(seed=0):
+        model = C.make_model(seed)
+        if via_json:
+            return pds.initialize(model=model, config=cfg)[0]
+        return pds.initialize(model=model, config=cfg, topology=AgentTopology.build(agents))[0]
+
+    engine = build()
+    if ckpt_dir is None:
+        _agent_train(engine, steps)
+        return {"weights": C.consensus_weights(engine), "dp": engine.dp_world_size, "mp": engine.mp_world_size}
+    half = steps // 2
+    _agent_train(engine, half)
+    engine.save_checkpoint(ckpt_dir, tag="b")
+    _agent_train(engine, steps - half, start=half)
+    run_a = C.consensus_weights(engine)
+    engine = build(seed=7)
+    engine.load_checkpoint(ckpt_dir, tag="b")
+    _agent_train(engine, steps - half, start=half)
+    run_b = C.consensus_weights(engine)
+    return {"weights": run_a, "resumed": run_b, "dp": engine.dp_world_size, "mp": engine.mp_world_size}
