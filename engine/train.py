@@ -528,6 +528,8 @@ def main(argv=None) -> int:
                 f"train loss {train_loss:.4f} | {tokens / 1e6:.2f}M tokens | {elapsed / 60:.1f} min"
             )
             tb.scalars({"val/loss": last_val, "val/perplexity": math.exp(min(last_val, 50))}, step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", val=f"{last_val:.3f}")
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == args.max_steps or stopping:
             path = save_checkpoint(backend, args, rank, step, extra_state())
             say(f"step {step}: checkpoint {path}")

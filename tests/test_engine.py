@@ -408,3 +408,13 @@ def test_prune_keeps_newest_and_in_progress_versions(tmp_path):
         "step_000009.v-a",
         "step_000012.v-writing",
     ]
+
+
+def test_init_from_a_local_directory(tmp_path):
+    model = models.build_model("llama", "tiny")
+    model.save_pretrained(tmp_path / "hf")
+    loaded = models.build_model(init_from=str(tmp_path / "hf"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="init-from"):
+        models.build_model(init_from=str(tmp_path / "nowhere"))
