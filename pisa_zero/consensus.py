@@ -140,11 +140,11 @@ class AgentTopology:
             return
         s = buf.numel() // m
         out = torch.empty(s, dtype=buf.dtype, device=buf.device)
-        dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.agent_group)
+        _reduce_scatter(out, buf, self.agent_group)
         me = dist.get_rank(self.agent_group)
         if owner_fn is not None:
             owner_fn(out, me * s)
-        dist.all_gather_into_tensor(buf, out, group=self.agent_group)
+        _all_gather(buf, out, self.agent_group)
 
     def reduce_gradients(self, grads: list[Tensor]) -> None:
         """g ← Σ_i α_i g_i over agents, in place (auxiliary AdamW groups in mode B)."""
@@ -222,11 +222,11 @@ class AgentTopology:
             gathered = master
         else:
             out = torch.empty(s, dtype=buf.dtype, device=buf.device)
-            dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=self.agent_group)
+            _reduce_scatter(out, buf, self.agent_group)
             master.mul_(scalars.decay)
             F.apply_consensus([master], [out], scalars.sigma, scalars.l2_lambda)
             gathered = torch.empty(s * m, dtype=params[0].dtype, device=buf.device)
-            dist.all_gather_into_tensor(gathered, master.to(params[0].dtype), group=self.agent_group)
+            _all_gather(gathered, master.to(params[0].dtype), self.agent_group)
         for o, p in zip(offsets, params):
             p.copy_(gathered[o : o + p.numel()].view_as(p))
 
@@ -241,6 +241,16 @@ class AgentTopology:
         part = flat[me * s : (me + 1) * s]
         out[: part.numel()] = part
         return out
+
+
+def _reduce_scatter(out: Tensor, inp: Tensor, group) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
+    fn(out, inp, op=dist.ReduceOp.SUM, group=group)
+
+
+def _all_gather(out: Tensor, inp: Tensor, group) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    fn(out, inp, group=group)
 
 
 def _comm_device(tensors: list[Tensor]) -> torch.device:

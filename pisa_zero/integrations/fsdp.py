@@ -45,7 +45,7 @@ def prepare(
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
     groups: list[dict] | None = None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | None = None,
     **pisa_kwargs,
 ):
     """Shard ``model`` with FSDP2 and build its PISA optimizer; returns ``(model, optimizer)``."""
@@ -82,7 +82,9 @@ def prepare(
         else MixedPrecisionPolicy()
     )
     offload = CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy()
-    kw = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    kw = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    if reshard_after_forward is not None:  # None: FSDP2's default (blocks reshard, the root keeps its params)
+        kw["reshard_after_forward"] = reshard_after_forward
     for block in transformer_blocks(model):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
