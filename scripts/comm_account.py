@@ -352,6 +352,8 @@ def _rank_main(rank, args, store_path, queue):
         queue.put(e if rank == 0 else None)
         code = 1
     finally:
+        queue.close()
+        queue.join_thread()  # flush the result before os._exit
         if dist.is_initialized():
             dist.destroy_process_group()
         os._exit(code)
