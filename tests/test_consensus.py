@@ -162,3 +162,39 @@ def test_topology_single_process_and_validation():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def _comm_account():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "comm_account.py")
+    spec = importlib.util.spec_from_file_location("comm_account", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _comm_body(rank, world):
+    module = _comm_account()
+    argv = ["--world", str(world), "--agents", "2", "--modes", "B-sisa,hsdp-adamw", "--steps", "2"]
+    argv += ["--d-model", "64", "--seq", "32", "--batch", "2"]
+    return module.worker(module.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_mode_b_costs_what_hsdp_adamw_costs():
+    """On the same 2 × 2 mesh (GPT-2 on FSDP2): mode B's bytes sent per step ≤ HSDP-AdamW's, and its peak
+    allocator bytes per rank ≤ 1.05 × HSDP-AdamW's (bytes counted at the collective calls, scripts/comm_account.py)."""
+    rows = run_distributed(_comm_body, 4, timeout=240)[0]  # every rank returns all ranks' rows
+    by_mode = {}
+    for r in rows:
+        total = sum(r["bytes_per_step"].values())
+        by_mode.setdefault(r["mode"], []).append((r["rank"], total, r["peak_bytes"], r["bytes_per_step"]))
+    for (rank, b_bytes, b_peak, b_kinds), (_, h_bytes, h_peak, h_kinds) in zip(
+        sorted(by_mode["B-sisa"]), sorted(by_mode["hsdp-adamw"])
+    ):
+        assert b_bytes <= h_bytes, (rank, b_kinds, h_kinds)
+        assert b_peak <= 1.05 * h_peak, (rank, b_peak, h_peak)
+        # the consensus replaces HSDP's cross-replica all-reduce byte for byte (RS + AG of the same shard)
+        assert b_kinds["cross:reduce_scatter"] + b_kinds["cross:all_gather"] == h_kinds["cross:all_reduce"]
+        assert b_kinds["shard:all_gather"] == h_kinds["shard:all_gather"]
