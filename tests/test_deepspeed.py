@@ -93,6 +93,11 @@ def test_bad_zero_configs_fail_fast(tmp_path):
     partial = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu", "ratio": 0.5}})
     with pytest.raises(ValueError, match="ratio"):
         pds.initialize(model=model, config=partial)
+    with pytest.raises(ValueError, match="stage=0"):
+        pds.initialize(model=model, config=C.ds_config(0, 2, params=NSISA, bf16={"enabled": True}))
+    accum32 = C.ds_config(1, 2, params=NSISA, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    with pytest.raises(ValueError, match="grad_accum_dtype"):
+        pds.initialize(model=model, config=accum32)
     old = integ.TESTED_DEEPSPEED
     integ.TESTED_DEEPSPEED = ((0, 0),)
     try:  # a DeepSpeed version nobody checked the partition layout on: nsisa is refused, loudly, at initialize
@@ -300,7 +305,7 @@ def test_unchanged_user_script_with_register_under_deepspeed_launcher(tmp_path):
     fp32_path = tmp_path / "pisa_zero3_fp32.json"
     fp32_path.write_text(json.dumps(fp32))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    steps = 30
+    steps = 20
     results = {}
     for name, cfg_path in (("shipped", os.path.join(ROOT, "configs", "pisa_zero3.json")), ("fp32", str(fp32_path))):
         out = tmp_path / f"{name}.pt"

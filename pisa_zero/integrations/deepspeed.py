@@ -214,6 +214,19 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
         # Without it ZeRO-1/2 in bf16 does not skip a step on inf/NaN gradients; PISA's own (rank-local) skip would
         # then let ranks diverge. DeepSpeed's check is global.
         bf16.setdefault("check_grad_overflow", True)
+    low_precision = any(isinstance(config.get(k), dict) and config[k].get("enabled") for k in ("bf16", "fp16"))
+    if "nsisa" in spec.preconditioners() and stage == 0 and low_precision:
+        raise ValueError(
+            "pisa_zero.deepspeed: preconditioner 'nsisa' with bf16/fp16 at zero_optimization.stage=0 is not supported "
+            "(DeepSpeed's FP16/BF16 optimizer wrappers flatten all parameters); use ZeRO stage 1, 2 or 3"
+        )
+    grad_accum = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    if "nsisa" in spec.preconditioners() and stage == 1 and low_precision and grad_accum in ("fp32", "float32"):
+        raise ValueError(
+            "pisa_zero.deepspeed: preconditioner 'nsisa' at zero_optimization.stage=1 with "
+            "data_types.grad_accum_dtype='fp32' selects DeepSpeed's BF16_Optimizer, whose partition layout pisa_zero "
+            "does not read; use stage 2 or drop grad_accum_dtype"
+        )
     if "nsisa" in spec.preconditioners() and stage in (1, 2, 3):
         if offload == "nvme":
             raise ValueError(
