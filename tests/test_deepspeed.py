@@ -210,10 +210,12 @@ def test_schedulers_bf16_and_offload():
     cfgs = {name: C.ds_config(2, 2, scheduler={"type": name, "params": p}) for name, p in scheds.items()}
     cfgs["fp32_z3"] = C.ds_config(3, 2, params=NSISA)
     cfgs["bf16_z3"] = C.ds_config(3, 2, params=NSISA, bf16={"enabled": True})
+    cfgs["bf16_z2"] = C.ds_config(2, 2, params=NSISA, bf16={"enabled": True})  # gets check_grad_overflow
     cfgs["off_z2"] = C.ds_config(2, 2, zero={"offload_optimizer": {"device": "cpu"}})
     cfgs["off_z3"] = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu"}})
     cfgs["fp32_z2"] = C.ds_config(2, 2)
-    steps = {name: 8 for name in scheds} | {"fp32_z3": 20, "bf16_z3": 20, "off_z2": 10, "off_z3": 10, "fp32_z2": 10}
+    steps = {name: 8 for name in scheds} | {"fp32_z3": 20, "bf16_z3": 20, "bf16_z2": 20, "off_z2": 10, "off_z3": 10}
+    steps["fp32_z2"] = 10
     jobs = [(k, "train_and_gather", {"cfg": c, "steps": steps[k]}) for k, c in cfgs.items()]
     res = run_distributed(_many, 2, jobs, timeout=400)[0]
     sigma, rho = 2.0, 50.0
@@ -232,6 +234,7 @@ def test_schedulers_bf16_and_offload():
     loss_gap = max(abs(a - b) for a, b in zip(res["bf16_z3"][1], res["fp32_z3"][1]))
     assert loss_gap <= BF16_LOSS_TOL, loss_gap
     assert res["bf16_z3"][1][-1] < res["bf16_z3"][1][0] - 0.3
+    assert C.rel_err(res["bf16_z2"][0], res["fp32_z3"][0]) <= BF16_TOL
     assert res["off_z2"][3]["offload"] and res["off_z3"][3]["offload"]
     for k in ("off_z2", "off_z3"):
         w = res[k][0]
