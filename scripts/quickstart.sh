@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv}"
-MINUTES="${MINUTES:-5}"
-STEPS="${STEPS:-600}"
+MINUTES="${MINUTES:-6}"
+STEPS="${STEPS:-1500}"
 OUT="${OUT:-runs/quickstart}"
 PYTHON="${PYTHON:-python3}"
 

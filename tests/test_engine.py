@@ -418,3 +418,16 @@ def test_init_from_a_local_directory(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="init-from"):
         models.build_model(init_from=str(tmp_path / "nowhere"))
+
+
+def test_quickstart_script_is_valid_and_pins_torch_first():
+    path = os.path.join(ROOT, "scripts", "quickstart.sh")
+    assert subprocess.run(["bash", "-n", path], timeout=30).returncode == 0
+    text = open(path).read()
+    assert text.index("torch==2.13.0") < text.index('-e ".[all]"')
+    assert "deepspeed --num_gpus 2 engine/train.py --deepspeed_config configs/pisa_zero3.json" in text
+    assert "tensorboard --logdir" in text
+    command = text[text.index("deepspeed --num_gpus") : text.index("|| status")]
+    flags = re.findall(r"(--[a-z][a-z_-]+)", command)
+    known = {o for a in build_parser()._actions for o in a.option_strings}
+    assert set(flags) - {"--num_gpus"} <= known, set(flags) - known
