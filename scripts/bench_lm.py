@@ -130,7 +130,14 @@ def sweep(args) -> None:
     specs = [
         base_spec(args, sigma=s, rho=r, aux_lr=a) for s, r, a in itertools.product(args.sigmas, args.rhos, args.aux_lrs)
     ]
-    results = run_all(specs, args.results, args.jobs)
+    run_all(specs, args.results, args.jobs)
+    # Report every sweep point in the cache (earlier sweeps with other grids included), best first.
+    same = base_spec(args)
+    results = [
+        r
+        for r in map(json.loads, args.results.read_text().splitlines())
+        if r["optimizer"] == "pisa" and r["seed"] == 0 and all(r[k] == same[k] for k in ("steps", "batch_size"))
+    ]
     results.sort(key=lambda r: r["curve"][-1][1])
     lines = [f"| σ | ρ | aux AdamW lr | val loss @{args.steps} |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['sigma']:g} | {r['rho']:g} | {r['aux_lr']:g} | {r['curve'][-1][1]:.3f} |" for r in results]
@@ -138,7 +145,9 @@ def sweep(args) -> None:
     print(table)
     (args.output.parent / "lm_sweep.md").write_text(
         "# NSISA σ/ρ sweep on the embedded corpus (seed 0)\n\n"
-        f"Command: `python scripts/bench_lm.py sweep --steps {args.steps}` (tiny GPT-2, batch "
+        "Commands: `python scripts/bench_lm.py sweep` (σ ∈ {10, 30, 80} × ρ ∈ {30, 100, 300}), then "
+        "`python scripts/bench_lm.py sweep --sigmas 20 40 --rhos 100` and "
+        "`python scripts/bench_lm.py sweep --sigmas 30 --rhos 100 --aux-lrs 1e-3 1e-2` (tiny GPT-2, batch "
         f"{args.batch_size}×{args.block_size}, 1 thread per run)\n\n{table}\n"
     )
 
