@@ -43,6 +43,9 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment]
 
 
+DEFAULT_BUCKET_ELEMENTS = 1 << 22  # 16 MiB of fp32 per consensus collective
+
+
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -80,6 +83,9 @@ class AgentTopology:
         self.alpha = 1.0 / self.agents
         self._local_count: float | None = None
         self._masters: dict[tuple, Tensor] = {}  # fp32 master slices of low-precision groups (owner rank only)
+        # Consensus buffers and kernel temporaries are bounded by buckets of this many elements (like DDP's
+        # buckets): the step's transient memory stays ~6 × 4 bytes × bucket, not × the whole shard.
+        self.bucket_elements = DEFAULT_BUCKET_ELEMENTS
 
     @classmethod
     def from_mesh(cls, device_mesh) -> AgentTopology:
@@ -146,10 +152,27 @@ class AgentTopology:
             owner_fn(out, me * s)
         _all_gather(buf, out, self.agent_group)
 
+    def _buckets(self, tensors: list[Tensor]) -> list[list[int]]:
+        """Consecutive index runs of at most ``bucket_elements`` elements (at least one tensor each)."""
+        buckets, current, size = [], [], 0
+        for i, t in enumerate(tensors):
+            if current and size + t.numel() > self.bucket_elements:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += t.numel()
+        if current:
+            buckets.append(current)
+        return buckets
+
     def reduce_gradients(self, grads: list[Tensor]) -> None:
-        """g ← Σ_i α_i g_i over agents, in place (auxiliary AdamW groups in mode B)."""
+        """g ← Σ_i α_i g_i over agents, in place (auxiliary AdamW groups in mode B), bucket by bucket."""
         if self.agents == 1 or not grads:
             return
+        for bucket in self._buckets(grads):
+            self._reduce_gradients([grads[i] for i in bucket])
+
+    def _reduce_gradients(self, grads: list[Tensor]) -> None:
         buf = _flat_buffer(grads, self.agents)
         offset = 0
         for g in grads:
@@ -161,19 +184,26 @@ class AgentTopology:
             g.copy_(buf[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def step(
-        self, params, directions, duals, second_moments, steps, scalars: F.StepScalars, implementation, masters=None
-    ):
-        """One consensus step on this rank's local tensors (called by `PISA._pisa_group`).
-
-        ``masters``: for low-precision params, this rank's fp32 master slices (see module doc); None for fp32 params.
-        """
+    def step(self, params, directions, duals, second_moments, steps, scalars: F.StepScalars, implementation):
+        """One consensus step on this rank's local tensors (called by `PISA._pisa_group`), bucket by bucket."""
         if not params:
             return
         m = self.agents
         if m == 1 and params[0].dtype == torch.float32:  # one agent: the plain (mode A) step, no buffer
             F.pisa_step(params, directions, duals, second_moments, steps, scalars, implementation=implementation)
             return
+        for bucket in self._buckets(params):
+
+            def pick(xs, bucket=bucket):
+                return None if xs is None else [xs[i] for i in bucket]
+
+            self._step_bucket(
+                pick(params), pick(directions), pick(duals), pick(second_moments), pick(steps), scalars,
+                implementation,
+            )  # fmt: skip
+
+    def _step_bucket(self, params, directions, duals, second_moments, steps, scalars, implementation):
+        m = self.agents
         buf = _flat_buffer(params, m)
         offsets, offset = [], 0
         for p in params:
@@ -208,12 +238,10 @@ class AgentTopology:
             return
 
         # low precision: the fp32 master slice lives on its owner only; gather the update in the param dtype
-        if masters is None:
-            key = tuple(p.data_ptr() for p in params)
-            if key not in self._masters:
-                self._masters[key] = self.master_slice(params)
-            masters = [self._masters[key]]
-        master = masters[0]
+        key = tuple(p.data_ptr() for p in params)
+        if key not in self._masters:
+            self._masters[key] = self.master_slice(params)
+        master = self._masters[key]
         if master.numel() != s:
             raise ValueError(f"consensus: master slice has {master.numel()} elements, expected {s}")
         if m == 1:

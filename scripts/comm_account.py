@@ -50,6 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256, byte level)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (64)")
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per step (4)")
+    p.add_argument(
+        "--bucket-elements",
+        type=int,
+        default=1 << 15,
+        help="PISA consensus bucket (elements) in modes A/B (32768: ~15%% of a rank's shard here, the share the\n"
+        "library default 2^22 is of a 1B-parameter model's shard on 8 ranks; bounds the step's temporaries)",
+    )
     p.add_argument("--json", default=None, help="also write the per-mode, per-rank numbers to this JSON file")
     args = p.parse_args(argv)
     bad = [m for m in args.modes.split(",") if m not in MODES]
@@ -202,6 +209,7 @@ def run_mode(mode, args, counter):
             agent = topo.agent_index if topo is not None else 0
             groups = pisa_zero.param_groups(model) if mode.endswith("nsisa") else None
             model, opt = prepare(model, topo, groups=groups, **hp)
+            opt.consensus.bucket_elements = args.bucket_elements
             finite_check = None  # agreed inside PISA.step (one 4-byte all-reduce)
         else:
             from torch.distributed.device_mesh import init_device_mesh
@@ -220,25 +228,21 @@ def run_mode(mode, args, counter):
         for step in range(1 + args.steps):
             if step == 1:
                 counter.reset()
-            x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            if finite_check is None or finite_check([p for p in model.parameters() if p.grad is not None]):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            with torch.profiler.record_function("measured_step" if step else "warmup_step"):
+                x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+                with torch.profiler.record_function("forward_backward"):
+                    loss = model(input_ids=x, labels=x).loss
+                    loss.backward()
+                with torch.profiler.record_function("optimizer_step"):
+                    if finite_check is None or finite_check([p for p in model.parameters() if p.grad is not None]):
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(trace)
         with open(trace) as f:
             events = json.load(f)["traceEvents"]
-    peak = max(
-        (
-            e["args"]["Total Allocated"]
-            for e in events
-            if e.get("name") == "[memory]" and e["args"].get("Device Id") == -1
-        ),
-        default=0,
-    )
+    peak, step_peak, opt_peak = live_bytes_peaks(events)
     per_step = {k: v / args.steps for k, v in counter.bytes.items()}
     calls = {k: v / args.steps for k, v in counter.calls.items()}
     del model, opt
@@ -250,7 +254,37 @@ def run_mode(mode, args, counter):
         "bytes_per_step": per_step,
         "calls_per_step": calls,
         "peak_bytes": peak,
+        "step_peak_bytes": step_peak,
+        "optimizer_peak_bytes": opt_peak,
     }
+
+
+def live_bytes_peaks(events) -> tuple[int, int]:
+    """Peak live tensor bytes (whole run, measured steps) rebuilt from the profiler's CPU [memory] events.
+
+    Each event is one allocation (+bytes) or free (−bytes) at an address; the live set is kept per address, so a
+    free of a block allocated before profiling started is ignored instead of skewing the sum (the profiler's own
+    running "Total Allocated" counter is process-global and drifts across sessions)."""
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "measured_step" and "dur" in e]
+    opt_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "optimizer_step" and "dur" in e]
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Id") == -1), key=lambda e: e["ts"]
+    )
+    live: dict[int, int] = {}
+    current = peak = step_peak = opt_peak = 0
+    for e in memory:
+        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
+        if nbytes > 0:
+            current += nbytes - live.get(addr, 0)
+            live[addr] = nbytes
+        else:
+            current -= live.pop(addr, 0)
+        peak = max(peak, current)
+        if any(lo <= e["ts"] <= hi for lo, hi in windows):
+            step_peak = max(step_peak, current)
+        if any(lo <= e["ts"] <= hi for lo, hi in opt_windows):
+            opt_peak = max(opt_peak, current)
+    return peak, step_peak, opt_peak
 
 
 def worker(args):
@@ -293,20 +327,22 @@ def report(rows, args):
         f"(agents or replicas x shards), {args.batch}x{args.seq} tokens/rank/step. Bytes sent per rank per step "
         "(max over ranks); peak torch CPU allocator bytes per rank (max over ranks).\n"
     )
-    head = (
-        ["mode"] + [COLUMNS.get(c, c) for c in columns] + ["total B/step", "peak MiB", "bytes vs hsdp", "peak vs hsdp"]
-    )
+    head = ["mode"] + [COLUMNS.get(c, c) for c in columns]
+    head += ["total B/step", "peak MiB", "step peak MiB", "bytes vs hsdp", "peak vs hsdp", "step peak vs hsdp"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for mode in modes:
         rs = [r for r in rows if r["mode"] == mode]
         per_col = {c: max(r["bytes_per_step"].get(c, 0.0) for r in rs) for c in columns}
-        summary[mode] = (max(sum(r["bytes_per_step"].values()) for r in rs), max(r["peak_bytes"] for r in rs), per_col)
+        total = max(sum(r["bytes_per_step"].values()) for r in rs)
+        step_peak = max(r["step_peak_bytes"] for r in rs)
+        summary[mode] = (total, max(r["peak_bytes"] for r in rs), per_col, step_peak)
     base = summary.get("hsdp-adamw")
     for mode in modes:
-        total, peak, per_col = summary[mode]
-        ratios = [f"{total / base[0]:.4f}", f"{peak / base[1]:.4f}"] if base else ["", ""]
-        cells = [mode] + [f"{per_col[c]:,.0f}" for c in columns] + [f"{total:,.0f}", f"{peak / 2**20:.2f}", *ratios]
+        total, peak, per_col, step_peak = summary[mode]
+        ratios = [f"{total / base[0]:.4f}", f"{peak / base[1]:.4f}", f"{step_peak / base[3]:.4f}"] if base else [""] * 3
+        cells = [mode] + [f"{per_col[c]:,.0f}" for c in columns]
+        cells += [f"{total:,.0f}", f"{peak / 2**20:.2f}", f"{step_peak / 2**20:.2f}", *ratios]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return summary
