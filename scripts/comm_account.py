@@ -17,10 +17,12 @@ all-reduce 2(n−1)/n·S, reduce-scatter (n−1)/n·S_in, all-gather (n−1)/n·
 other ranks (exact), broadcast S (root) — n the group size. Only the outermost call is counted (no double counting
 of collectives implemented through others).
 
-Peak memory: the peak of torch's CPU allocator during the whole run (model construction, sharding, warm-up and the
-measured steps), from the profiler's memory events ("Total Allocated", ``profile_memory=True``), per rank. That is
-every tensor byte — parameters, gradients, optimizer state, activations, FSDP and consensus buffers, optimizer
-temporaries — and nothing else (the Python heap and gloo's own buffers are the same in every mode and excluded).
+Peak memory: the peak of live tensor bytes per rank, rebuilt from torch's CPU allocator events (the profiler's
+``profile_memory=True`` records every allocation and free with its address) over the whole run: model construction,
+sharding, warm-up and measured steps. That is every tensor byte — parameters, gradients, optimizer state,
+activations, FSDP and consensus buffers, optimizer temporaries — and nothing else (the Python heap and gloo's own
+buffers, the same in every mode, are excluded). FSDP's asynchronous all-gathers move a rank's peak by about one
+all-gather buffer from run to run (±0.8 MiB here), in every mode.
 
     python scripts/comm_account.py --world 4 --agents 2          # self-spawns 4 gloo ranks
     torchrun --nproc-per-node 4 scripts/comm_account.py --agents 2
@@ -173,8 +175,10 @@ class Counter:
 # ------------------------------------------------------------------------------------------------ one mode
 def build_model(args):
     import torch
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = GPT2Config(
         vocab_size=args.vocab,
@@ -185,6 +189,8 @@ def build_model(args):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(cfg)
 
@@ -325,7 +331,7 @@ def report(rows, args):
     print(
         f"\nGPT-2 {args.layers}x{args.d_model}, {n_params:,} params, world={args.world}, mesh {args.agents} x {k} "
         f"(agents or replicas x shards), {args.batch}x{args.seq} tokens/rank/step. Bytes sent per rank per step "
-        "(max over ranks); peak torch CPU allocator bytes per rank (max over ranks).\n"
+        "(max over ranks); peak live tensor bytes per rank (max over ranks).\n"
     )
     head = ["mode"] + [COLUMNS.get(c, c) for c in columns]
     head += ["total B/step", "peak MiB", "step peak MiB", "bytes vs hsdp", "peak vs hsdp", "step peak vs hsdp"]
