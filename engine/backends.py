@@ -30,6 +30,7 @@ def pisa_options(args) -> dict:
         beta2=args.beta2,
         l2_lambda=args.l2_lambda,
         weight_decay=args.weight_decay,
+        implementation=None if args.implementation == "auto" else args.implementation,
     )
 
 
@@ -194,6 +195,8 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
     ):
         if flag in explicit or key not in params:
             params[key] = getattr(args, flag)
+    if "implementation" in explicit:
+        params["implementation"] = pisa_options(args)["implementation"]
     if params.get("other_preconditioner") == "adamw":
         other = params.setdefault("other_options", {})
         if "aux_lr" in explicit or "lr" not in other:

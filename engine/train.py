@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--beta2", type=float, default=0.999, help="sisa second-moment β₂")
     o.add_argument("--l2-lambda", type=float, default=0.0, help="λ, the consensus ℓ2 term")
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the PISA groups")
+    o.add_argument(
+        "--implementation",
+        choices=("auto", "single", "foreach", "compiled"),
+        default="auto",
+        help="PISA kernels; auto: torch.compile'd when a compiler is available, else foreach",
+    )
 
     s = p.add_argument_group("schedule")
     s.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
