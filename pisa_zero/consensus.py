@@ -60,9 +60,17 @@ class AgentTopology:
     last step).
     """
 
-    def __init__(self, mesh=None):
+    def __init__(self, mesh=None, *, group=None):
         self.mesh = mesh
-        if mesh is None:  # one agent, one rank: no torch.distributed needed
+        self.control_group = None  # the ranks that agree on α and on skipping (None: the whole world)
+        if group is not None:  # every rank of a process group is an agent, parameters not sharded (k = 1)
+            if mesh is not None:
+                raise ValueError("AgentTopology: give a mesh or a group, not both")
+            self.agents, self.shard_size = dist.get_world_size(group), 1
+            self.agent_index, self.shard_index = dist.get_rank(group), 0
+            self.agent_group, self.shard_group, self.shard_mesh = group, None, None
+            self.control_group = group
+        elif mesh is None:  # one agent, one rank: no torch.distributed needed
             self.agents, self.shard_size, self.agent_index, self.shard_index = 1, 1, 0, 0
             self.agent_group = self.shard_group = self.shard_mesh = None
         else:
@@ -90,6 +98,13 @@ class AgentTopology:
     @classmethod
     def from_mesh(cls, device_mesh) -> AgentTopology:
         return cls(device_mesh)
+
+    @classmethod
+    def from_group(cls, group) -> AgentTopology:
+        """Every rank of ``group`` (a ProcessGroup, e.g. ``dist.group.WORLD``) is one agent with unsharded params."""
+        if not _dist_on():
+            raise ValueError("AgentTopology.from_group: torch.distributed is not initialised")
+        return cls(group=group)
 
     @classmethod
     def build(cls, agents: int, device_type: str | None = None) -> AgentTopology:
@@ -127,9 +142,9 @@ class AgentTopology:
         count = 1.0 if self._local_count is None else self._local_count
         finite = _all_finite(grads) if check_finite else True
         total = count if finite else math.inf
-        if self.mesh is not None and dist.get_world_size() > 1:
+        if self.agents * self.shard_size > 1:
             flag = torch.tensor([total], dtype=torch.float32, device=_comm_device(grads))
-            dist.all_reduce(flag)
+            dist.all_reduce(flag, group=self.control_group)
             total = float(flag.item())
         if not math.isfinite(total):
             return False

@@ -90,7 +90,8 @@ class PISA(torch.optim.Optimizer):
         state_dtype: dtype of π, v and b (fp32 default; bf16 halves their memory at the cost of rounding).
         betas: (β₁, β₂) of ``adamw`` groups.
         skip_nonfinite: skip a call whose gradients contain inf/NaN (see above).
-        consensus: a `pisa_zero.consensus.AgentTopology` (mode B); None for mode A (host-averaged gradients).
+        consensus: a `pisa_zero.consensus.AgentTopology` or a ProcessGroup (every rank one agent) for mode B;
+            None for mode A (host-averaged gradients).
     """
 
     def __init__(
@@ -135,6 +136,10 @@ class PISA(torch.optim.Optimizer):
         self.implementation = implementation
         self.state_dtype = state_dtype or torch.float32
         self.skip_nonfinite = skip_nonfinite
+        if consensus is not None and not hasattr(consensus, "begin_step"):  # a ProcessGroup: one agent per rank
+            from .consensus import AgentTopology
+
+            consensus = AgentTopology.from_group(consensus)
         self.consensus = consensus
         # Set by an integration whose host hands the optimizer flat partitions (DeepSpeed ZeRO): called as
         # fn(params, directions, group) -> orthogonalised directions, it does nsisa's Newton–Schulz on whole

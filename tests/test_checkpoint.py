@@ -80,6 +80,8 @@ def _save_4(rank, world, root):
     out["b_weights"] = weights(model)
     out["b_state"] = opt_state(model, opt)
     out["b_alpha"] = topo.alpha
+    train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
+    out["b_final"] = weights(model)
     return out
 
 
@@ -97,6 +99,8 @@ def _load_2(rank, world, root):
     checkpoint.load(os.path.join(root, "b"), model, opt)
     out["b_weights"] = weights(model)
     out["b_state"] = opt_state(model, opt)
+    train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, 0, 1, sizes=[6, 10])  # continue with k = 1
+    out["b_final"] = weights(model)
     # 2 agents merged into 1 (mode A over 2 ranks): α-weighted average of their states
     model, opt = mode_a(world)
     checkpoint.load(os.path.join(root, "b"), model, opt)
@@ -130,6 +134,8 @@ def test_save_4_ranks_load_2_and_1(tmp_path):
             assert torch.equal(got[key], want[key]), (agent_of_rank4[old_rank], key)
         for n, w in saved[0]["b_weights"].items():
             assert torch.equal(loaded[new_rank]["b_weights"][n], w)
+    # ... and training continues as if uninterrupted (fp32 round-off: gradient sums over 1 vs 2 ranks per agent)
+    assert max_rel_err(loaded[0]["b_final"], {k: v.double() for k, v in saved[0]["b_final"].items()}) <= 1e-5
     duals = [k for k in saved[0]["b_state"] if k[1] == "dual"]
     assert duals and any(not torch.equal(saved[0]["b_state"][k], saved[2]["b_state"][k]) for k in duals)
     # merge rule: α-weighted average of the two agents' states (α = 6/16 and 10/16)

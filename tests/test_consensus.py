@@ -78,6 +78,10 @@ def _body(rank, world, steps):
     model, _, _ = _train(topo, steps, sizes, heterogeneous=True, mixed=True)
     out["hetero_nsisa"] = _weights(model)
     if world == 2:
+        # PISA(consensus=<process group>): every rank one agent, the same bits as the topology
+        group_topo = PISA([torch.nn.Parameter(torch.zeros(1))], consensus=torch.distributed.group.WORLD).consensus
+        model, _, _ = _train(group_topo, steps, sizes, heterogeneous=False, mixed=False)
+        out["group"] = _weights(model)
         fresh = AgentTopology.build(agents=world)  # set_local_batch_size never called on it
         model, _, alphas = _train(fresh, steps, sizes, heterogeneous=False, mixed=False, set_sizes=False)
         out["equal"] = _weights(model)
@@ -109,6 +113,8 @@ def test_mode_b_two_agents_matches_reference():
     assert results[0]["equal_alphas"][-1] == 0.5
     ref = reference_run(steps, 2, sizes, False, "sisa", HP)
     assert max_rel_err(results[0]["iid_sisa"], ref) <= TOL
+    for n, w in results[0]["iid_sisa"].items():
+        assert torch.equal(results[0]["group"][n], w)
     ref_equal = reference_run(steps, 2, sizes, False, "sisa", HP, alphas=[1, 1])
     assert max_rel_err(results[0]["equal"], ref_equal) <= TOL
     # unequal α matters: the equal-weight run is far from the α-weighted reference
