@@ -188,6 +188,8 @@ class AgentTopology:
             self._reduce_gradients([grads[i] for i in bucket])
 
     def _reduce_gradients(self, grads: list[Tensor]) -> None:
+        if sum(g.numel() for g in grads) == 0:
+            return
         buf = _flat_buffer(grads, self.agents)
         offset = 0
         for g in grads:
@@ -219,6 +221,8 @@ class AgentTopology:
 
     def _step_bucket(self, params, directions, duals, second_moments, steps, scalars, implementation):
         m = self.agents
+        if sum(p.numel() for p in params) == 0:  # empty shards (e.g. rows < k): the same on every agent
+            return
         buf = _flat_buffer(params, m)
         offsets, offset = [], 0
         for p in params:

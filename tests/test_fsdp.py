@@ -124,6 +124,21 @@ def two_agent_nsisa_adamw_reference(steps, sizes, heterogeneous):
     return {nm: (next(mats) if m else next(rest).detach()) for nm, m in zip(names, is_mat)}
 
 
+def train_one_row_head(steps):
+    """Mode B (2 × 2) with a 1-row matrix and a 1-element bias: shard rank 1 of each agent holds empty shards."""
+    topo = AgentTopology.build(agents=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model, opt = prepare(model, topo, groups=make_groups(model, "adamw"), implementation="foreach", **HP)
+    gen = torch.Generator().manual_seed(topo.agent_index)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=gen)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return full_weights(model)
+
+
 def _body(rank, world, steps):
     out = {"mode_a_sisa": train_mode_a(steps, "all-sisa"), "mode_a_nsisa_adamw": train_mode_a(steps, "adamw")}
     sizes = [6, 10] if world == 4 else [5, 11]
@@ -132,6 +147,7 @@ def _body(rank, world, steps):
     out["b_nsisa_adamw"] = train_mode_b(2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"))
     if world == 4:
         out["b4_nsisa_sisa"] = train_mode_b(4, steps, [5, 11, 8, 3], True, lambda m: make_groups(m, "sisa"))
+        out["b_one_row_head"] = train_one_row_head(3)
         out["b_bf16_offload"] = train_mode_b(
             2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"), param_dtype=torch.bfloat16, cpu_offload=True
         )

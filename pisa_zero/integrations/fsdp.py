@@ -81,7 +81,7 @@ def prepare(
         if param_dtype is not None
         else MixedPrecisionPolicy()
     )
-    offload = CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     if reshard_after_forward is not None:  # None: FSDP2's default (blocks reshard, the root keeps its params)
         kw["reshard_after_forward"] = reshard_after_forward
