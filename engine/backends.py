@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import pisa_zero
-from pisa_zero.monitor import Diagnostics, global_norm
+from pisa_zero.monitor import Diagnostics, all_reduce_sum, global_norm
 
 
 def pisa_options(args) -> dict:
@@ -195,6 +195,15 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
     ):
         if flag in explicit or key not in params:
             params[key] = getattr(args, flag)
+    if "agents" in explicit or args.agents > 1:
+        params["agents"] = args.agents
+    if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
+        print(
+            "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
+            "with one agent's gradient norm)",
+            flush=True,
+        )
+        config["gradient_clipping"] = 0.0
     if "implementation" in explicit:
         params["implementation"] = pisa_options(args)["implementation"]
     if params.get("other_preconditioner") == "adamw":
@@ -230,6 +239,8 @@ class DeepSpeed:
         self.model = self.engine
         self.pisa = pisa_zero.monitor.find_pisa(self.engine.optimizer)
         self.monitor = Diagnostics(self.engine.optimizer)
+        consensus = self.pisa.consensus
+        self.topology = consensus if consensus is not None and consensus.agents > 1 else None
         self._zero_loss = False
 
     def train(self, mode: bool = True):
@@ -246,8 +257,12 @@ class DeepSpeed:
         data-parallel group, so every rank gets the same answer. Stage 0 keeps ordinary ``.grad``s."""
         zero = self.engine.optimizer
         if hasattr(zero, "has_overflow") and self.engine.zero_optimization_stage() > 0:
-            return not bool(zero.has_overflow(partition_gradients=True))
-        return pisa_zero.grads_are_finite([p for p in self.engine.module.parameters() if p.requires_grad])
+            finite = not bool(zero.has_overflow(partition_gradients=True))
+        else:
+            finite = pisa_zero.grads_are_finite([p for p in self.engine.module.parameters() if p.requires_grad])
+        if self.topology is not None:  # mode B: DeepSpeed's data-parallel group is one agent; agree across agents
+            finite = all_reduce_sum([0.0 if finite else 1.0], device=self.engine.device)[0].item() == 0
+        return finite
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -269,7 +284,8 @@ class DeepSpeed:
                 g["lr"] = lr
 
     def set_local_batch(self, n: int):
-        pass
+        if self.topology is not None:
+            self.pisa.set_local_batch_size(n)
 
     def save(self, path: str, extra: dict) -> None:
         self.engine.save_checkpoint(os.path.dirname(path), tag=os.path.basename(path), client_state={"extra": extra})

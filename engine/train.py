@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used otherwise",
     )
     a.add_argument(
-        "--agents", type=int, default=1, help="fsdp2: number of PISA agents M (mode B; world = M x shards); 1 = mode A"
+        "--agents",
+        type=int,
+        default=1,
+        help="fsdp2 or deepspeed: number of PISA agents M (mode B; world = M x shards); 1 = mode A",
     )
     a.add_argument(
         "--dtype",
@@ -200,8 +203,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.schedule == "config" and args.backend != "deepspeed":
         parser.error("--schedule config needs the deepspeed back end (a 'scheduler' in its config)")
-    if args.agents > 1 and args.backend != "fsdp2":
-        parser.error(f"--agents {args.agents} needs --backend fsdp2 (mode B)")
+    if args.agents > 1 and args.backend not in ("fsdp2", "deepspeed"):
+        parser.error(f"--agents {args.agents} needs --backend fsdp2 or deepspeed (mode B)")
     spec = args.inject_nonfinite
     args.inject_kind = "grad" if spec.startswith("grad:") else "loss"
     try:
@@ -390,7 +393,7 @@ def main(argv=None) -> int:
     segments = None
     if args.heterogeneity:
         if topology is None:
-            raise ValueError("invalid --heterogeneity: it needs agents (--backend fsdp2 --agents M, M > 1)")
+            raise ValueError("invalid --heterogeneity: it needs agents (--agents M, M > 1, fsdp2 or deepspeed)")
         mine = set(partition_domains(corpus, topology.agents)[agent])
         segments = [s for s in corpus.segments if s[0] in mine]
     batches = Batches(corpus.train, args.block_size, args.batch_size, args.seed, stream=rank, segments=segments)

@@ -394,3 +394,17 @@ def test_quickstart_script_is_valid_and_pins_torch_first():
     flags = re.findall(r"(--[a-z][a-z_-]+)", command)
     known = {o for a in build_parser()._actions for o in a.option_strings}
     assert set(flags) - {"--num_gpus"} <= known, set(flags) - known
+
+
+@pytest.mark.slow
+def test_deepspeed_two_agents_mode_b(cache_dir, tmp_path):
+    out = tmp_path / "dsb"
+    cmd = ["deepspeed", "--num_gpus", "2", "engine/train.py", "--deepspeed_config", "configs/pisa_zero3.json"]
+    cmd += ["--agents", "2", "--heterogeneity", *TINY, "--cache-dir", cache_dir, "--out-dir", str(out)]
+    cmd += ["--max-steps", "6", "--eval-interval", "6", "--diag-interval", "3", "--ckpt-interval", "6"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    s = scalars(out / "tensorboard")
+    assert s["pisa/nsisa/consensus_disagreement"][6] > 0 and s["val/loss"][6] < 5.0
+    saved = os.listdir(out / "checkpoints" / "step_000006")
+    assert {"mp_rank_00", "mp_rank_01"} <= {re.search(r"mp_rank_\d\d", f).group(0) for f in saved if "mp_rank" in f}
