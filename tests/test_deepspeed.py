@@ -399,6 +399,8 @@ def test_mode_b_agents_under_deepspeed():
             ("z2", "mode_b", {"cfg": C.ds_config(2, 2, params=sisa), "agents": 2, "steps": 6}),
             ("z3n", "mode_b", {"cfg": C.ds_config(3, 2, params=dict(nsisa, agents=2), zero={"sub_group_size": 3000}),
                                "agents": 2, "steps": 6, "via_json": True, "ckpt_dir": os.path.join(tmp, "ck")}),
+            ("auto", "mode_b", {"cfg": C.ds_config(2, 2, params=dict(NSISA, agents=2)), "agents": 2, "steps": 4,
+                                "via_json": True}),
         ]  # fmt: skip
         res = run_distributed(_many, 4, jobs, timeout=400)
     finally:
@@ -414,6 +416,10 @@ def test_mode_b_agents_under_deepspeed():
         assert err <= max(2e-6, 3 * roundoff), (name, err, roundoff)
     r = res[0]["z3n"]
     assert all(torch.equal(r["weights"][n], r["resumed"][n]) for n in r["weights"])
+    # NSISA + auxiliary AdamW ("auto" groups) in mode B: AdamW's gradients are averaged across agents, every rank
+    # ends with the same weights (no float64 reference has the AdamW group).
+    w = [x["auto"]["weights"] for x in res]
+    assert all(all(torch.equal(w[i][n], w[0][n]) for n in w[0]) for i in range(4))
     with pytest.raises(ValueError, match="gradient_clipping"):
         pds.initialize(model=torch.nn.Linear(2, 2), config=C.ds_config(2, 2, params=dict(sisa, agents=2),
                                                                        gradient_clipping=1.0))  # fmt: skip
