@@ -169,6 +169,15 @@ def _killed_writer(path):
 
 
 def test_single_process_roundtrip_and_killed_writer(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the writer ran on one thread: same reduction order, bitwise comparisons
+    try:
+        _roundtrip_and_killed_writer(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _roundtrip_and_killed_writer(tmp_path):
     path = str(tmp_path / "ckpt")
     proc = mp.get_context("fork").Process(target=_killed_writer, args=(path,))
     proc.start()
