@@ -167,7 +167,7 @@ class FSDP2(Single):
         return ckpt.load(path, self.model, self.optimizer) or {}
 
 
-def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
+def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) -> dict:
     """The JSON config with the command line's explicit batch/optimizer flags applied and TensorBoard turned on."""
     with open(args.deepspeed_config) as f:
         config = json.load(f)
@@ -198,10 +198,9 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
     if "agents" in explicit or args.agents > 1:
         params["agents"] = args.agents
     if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
-        print(
+        say(
             "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
-            "with one agent's gradient norm)",
-            flush=True,
+            "with one agent's gradient norm)"
         )
         config["gradient_clipping"] = 0.0
     if "implementation" in explicit:
@@ -215,10 +214,9 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None) -> dict:
     # DeepSpeed's own monitor writes its Train/Samples/* scalars next to ours (or nowhere with --no-tensorboard)
     config["tensorboard"] = {"enabled": bool(logdir), "output_path": logdir or "", "job_name": "deepspeed"}
     if args.schedule != "config" and config.pop("scheduler", None) is not None:
-        print(
+        say(
             f"[pisa_zero] the lr schedule comes from --schedule {args.schedule} / --warmup-steps / --max-steps; "
-            "the config's 'scheduler' is ignored (use --schedule config to keep it)",
-            flush=True,
+            "the config's 'scheduler' is ignored (use --schedule config to keep it)"
         )
     if "dtype" in explicit:
         config["bf16"] = {**config.get("bf16", {}), "enabled": args.dtype == "bf16"}

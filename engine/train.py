@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import logging
 import math
 import os
 import re
@@ -228,6 +230,7 @@ def setup_distributed(args):
     if args.backend == "deepspeed":
         import deepspeed
 
+        deepspeed.utils.logger.setLevel(logging.WARNING)  # keep the console for training lines
         deepspeed.init_distributed(timeout=timeout)
         rank, world = dist.get_rank(), dist.get_world_size()
     elif world > 1 or args.backend == "fsdp2":
@@ -349,6 +352,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     master = rank == 0
+    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
     # data: rank 0 builds the cache once, the others then read it
@@ -381,7 +385,9 @@ def main(argv=None) -> int:
     n_params = count_parameters(model)
     logdir = None if args.no_tensorboard else os.path.join(args.out_dir, "tensorboard")
     if args.backend == "deepspeed":
-        backend = backends.DeepSpeed(model, args, device, backends.deepspeed_config(args, args.explicit, logdir))
+        backend = backends.DeepSpeed(
+            model, args, device, backends.deepspeed_config(args, args.explicit, logdir, say=log)
+        )
         device = backend.engine.device
     elif args.backend == "fsdp2":
         backend = backends.FSDP2(model, args, device)
@@ -411,7 +417,6 @@ def main(argv=None) -> int:
         step, tokens, nonfinite_total = extra["step"], extra["tokens"], extra.get("nonfinite", 0)
 
     tb = TensorBoard(logdir, enabled=master and logdir is not None)
-    log = print if master else (lambda *a, **k: None)
     if master:
         log(
             f"[pisa_zero] backend={backend.name} world={world} agents={args.agents} device={device} "
