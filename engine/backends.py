@@ -76,7 +76,7 @@ class Single:
     def forward(self, x):
         return self.model(input_ids=x).logits
 
-    def backward(self, loss):
+    def backward(self, loss, last: bool = True):
         (loss / self.accum).backward()
 
     def params(self):
@@ -247,8 +247,12 @@ class DeepSpeed:
     def forward(self, x):
         return self.engine(input_ids=x.to(self.engine.device)).logits
 
-    def backward(self, loss):
+    def backward(self, loss, last: bool = True):
+        """DeepSpeed scales by its gradient_accumulation_steps itself and counts micro-steps in ``engine.step()``,
+        which must follow every backward; off the boundary it only accumulates."""
         self.engine.backward(loss)
+        if not last:
+            self.engine.step()
 
     def grads_finite(self) -> bool:
         """ZeRO holds the reduced gradients in its own partitions; its overflow check all-reduces over the

@@ -467,7 +467,7 @@ def main(argv=None) -> int:
                 loss = loss * float("nan")
             local_bad |= not math.isfinite(loss.item())
             loss_sum += loss.item() if math.isfinite(loss.item()) else 0.0
-            backend.backward(loss)
+            backend.backward(loss, last=micro == args.grad_accum - 1)
         if step + 1 in args.inject_steps and master and args.inject_kind == "grad" and backend.name != "deepspeed":
             next(p for p in backend.params() if p.grad is not None).grad.view(-1)[0] = float("inf")
         # one all-reduce: loss, non-finite flag, stop requests (a signal or the time limit, decided on rank 0)

@@ -402,9 +402,16 @@ def test_deepspeed_two_agents_mode_b(cache_dir, tmp_path):
     cmd = ["deepspeed", "--num_gpus", "2", "engine/train.py", "--deepspeed_config", "configs/pisa_zero3.json"]
     cmd += ["--agents", "2", "--heterogeneity", *TINY, "--cache-dir", cache_dir, "--out-dir", str(out)]
     cmd += ["--max-steps", "6", "--eval-interval", "6", "--diag-interval", "3", "--ckpt-interval", "6"]
+    cmd += ["--grad-accum", "2", "--batch-size", "4"]  # DeepSpeed's micro-step accounting
     result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     s = scalars(out / "tensorboard")
     assert s["pisa/nsisa/consensus_disagreement"][6] > 0 and s["val/loss"][6] < 5.0
     saved = os.listdir(out / "checkpoints" / "step_000006")
+    states = torch.load(
+        out / "checkpoints" / "step_000006" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    assert states["global_steps"] == 6 and states["global_samples"] == 6 * 4 * 2  # per agent: 6 steps x 4 x 2
     assert {"mp_rank_00", "mp_rank_01"} <= {re.search(r"mp_rank_\d\d", f).group(0) for f in saved if "mp_rank" in f}
