@@ -1,6 +1,6 @@
 """Run a function on N real gloo CPU ranks (forked processes) and collect what each rank returns.
 
-    from tests.distributed import run_distributed
+    sys.path.insert(0, os.path.dirname(__file__)); from distributed import run_distributed   # from a test file
 
     def body(rank, world_size, x):          # module-level function; runs after init_process_group
         ...
@@ -10,8 +10,9 @@
 
 Each rank gets ``OMP_NUM_THREADS=1`` and a FileStore rendezvous in a fresh temporary directory (no port races), and
 ends with ``dist.destroy_process_group()`` then ``os._exit`` so gloo cannot abort at interpreter exit. A rank that
-raises makes the call fail with that rank's traceback; a run that passes ``timeout`` is killed (only the processes
-started here) and reported. Processes are forked (fast; the test process must not have started CUDA).
+raises makes the call fail with that rank's traceback (the other ranks are killed 5 s later: they may be blocked in a
+collective); a run that passes ``timeout`` is killed (only the processes started here) and reported. Processes are
+forked (fast; the test process must not have started CUDA).
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+        failed_at = None
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()  # a rank failed: the others may wait in a collective forever
+            if failed_at is not None and time.monotonic() - failed_at > 5.0:
+                break
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for r in hung:
             procs[r].kill()

@@ -139,6 +139,31 @@ def train_one_row_head(steps):
     return full_weights(model)
 
 
+def route_matrices():
+    """orthogonalize_sharded on Shard(0) DTensors (uneven rows, empty shards, several shapes, tall and wide) ==
+    Newton–Schulz of the whole matrix; the whole matrices are spread over the owners."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from pisa_zero import functional as F
+    from pisa_zero.consensus import orthogonalize_sharded
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(10, 7), (10, 7), (7, 10), (3, 5), (10, 7), (1, 4), (6,)]
+    full = [torch.randn(s, generator=gen) for s in shapes]
+    params = [distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in full]
+    got = orthogonalize_sharded(params, [p.to_local() for p in params], 5, torch.float32)
+    worst = 0.0
+    for t, o in zip(full, got):
+        want = F.orthogonalize(t, 5) if t.ndim == 2 else t
+        local = distribute_tensor(want, mesh, [Shard(0)], src_data_rank=None).to_local()
+        assert o.shape == local.shape
+        if o.numel():  # shards of rows < k matrices can be empty
+            worst = max(worst, (o - local).abs().max().item())
+    return worst
+
+
 def _body(rank, world, steps):
     out = {"mode_a_sisa": train_mode_a(steps, "all-sisa"), "mode_a_nsisa_adamw": train_mode_a(steps, "adamw")}
     sizes = [6, 10] if world == 4 else [5, 11]
@@ -148,6 +173,7 @@ def _body(rank, world, steps):
     if world == 4:
         out["b4_nsisa_sisa"] = train_mode_b(4, steps, [5, 11, 8, 3], True, lambda m: make_groups(m, "sisa"))
         out["b_one_row_head"] = train_one_row_head(3)
+        out["route_err"] = route_matrices()
         out["b_bf16_offload"] = train_mode_b(
             2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"), param_dtype=torch.bfloat16, cpu_offload=True
         )
@@ -161,6 +187,7 @@ def _identical_across_agents(results, key):
 
 
 def _check(results, world, steps):
+    assert max(r.pop("route_err", 0.0) for r in results) <= 1e-6  # owner-routed NS == whole-matrix NS
     for key in results[0]:
         _identical_across_agents(results, key)
     # mode A == single-process PISA on the same global batch
