@@ -34,32 +34,42 @@ def gpt2_like_shapes(millions: float) -> list[tuple[int, ...]]:
     return shapes
 
 
-def make_params(shapes, seed=0):
+def make_params(shapes, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
     return params
 
 
-def time_steps(optimizer, steps: int) -> float:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(optimizer, steps: int, device: str) -> float:
     optimizer.step()
     optimizer.step()
     times = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         optimizer.step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def newton_schulz_ms(shapes, steps: int) -> float:
+def newton_schulz_ms(shapes, steps: int, device: str) -> float:
     """Time of the batched Newton–Schulz of every 2-D tensor (what nsisa adds on top of the elementwise step)."""
-    matrices = [torch.randn(s) for s in shapes if len(s) == 2]
-    F.orthogonalize_batched(matrices, 5, torch.float32)
+    matrices = [torch.randn(s, device=device) for s in shapes if len(s) == 2]
+    dtype = F.ns_compute_dtype(torch.device(device))
+    F.orthogonalize_batched(matrices, 5, dtype)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        F.orthogonalize_batched(matrices, 5, torch.float32)
+        F.orthogonalize_batched(matrices, 5, dtype)
+    synchronize(device)
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -78,6 +88,7 @@ def main(argv=None) -> int:
         "--output", type=Path, default=Path("docs/benchmarks/step_time.md"), help="markdown file to write"
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
 
     shapes = gpt2_like_shapes(args.millions)
@@ -100,31 +111,37 @@ def main(argv=None) -> int:
     best: dict[str, float] = {}
     for round_index in range(args.rounds):
         for name, build in candidates.items():
-            params = make_params(shapes)
-            ms = time_steps(build(params), args.steps)
+            params = make_params(shapes, args.device)
+            ms = time_steps(build(params), args.steps, args.device)
             best[name] = min(ms, best.get(name, float("inf")))
             print(f"  round {round_index + 1}: {name:34s} {ms:8.1f} ms", flush=True)
             del params
     rows = list(best.items())
     baseline = rows[0][1]
 
-    ns_shapes = [s for s in gpt2_like_shapes(args.ns_millions)[2:] if len(s) == 2]  # block matrices (nsisa's share)
+    block_matrices = [s for s in BLOCK_SHAPES if len(s) == 2]  # what param_groups puts on nsisa
+    ns_shapes = list(block_matrices)
+    while sum(torch.Size(s).numel() for s in ns_shapes) < args.ns_millions * 1e6:
+        ns_shapes += block_matrices
     ns_numel = sum(torch.Size(s).numel() for s in ns_shapes)
-    params = make_params(ns_shapes)
-    nsisa_ms = time_steps(PISA(params, preconditioner="nsisa", skip_nonfinite=False), max(2, args.steps // 3))
-    ns_ms = newton_schulz_ms(ns_shapes, 2)
+    params = make_params(ns_shapes, args.device)
+    nsisa = PISA(params, preconditioner="nsisa", skip_nonfinite=False)
+    nsisa_ms = time_steps(nsisa, max(2, args.steps // 3), args.device)
+    ns_ms = newton_schulz_ms(ns_shapes, 2, args.device)
     print(
         f"  nsisa at {ns_numel / 1e6:.1f}M: step {nsisa_ms:.1f} ms, Newton–Schulz {ns_ms:.1f} ms "
         f"({100 * ns_ms / nsisa_ms:.0f}% of the step)",
         flush=True,
     )
 
+    on_cuda = args.device.startswith("cuda")
+    machine = torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine()
     lines = [
-        "# Optimizer step time (CPU)",
+        f"# Optimizer step time ({'CUDA' if on_cuda else 'CPU'})",
         "",
         f"Command: `python scripts/bench_step.py --millions {args.millions:g} --steps {args.steps} "
-        f"--rounds {args.rounds}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"--rounds {args.rounds} --ns-millions {args.ns_millions:g} --device {args.device}`  ",
+        f"Machine: {machine}, {torch.get_num_threads()} CPU threads, "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}  ",
         f"Tensors: {numel / 1e6:.1f}M fp32 parameters with GPT-2-small shapes ({len(shapes)} tensors); "
         "median of the timed steps after two warm-up steps, best of the interleaved rounds.",
@@ -137,10 +154,10 @@ def main(argv=None) -> int:
         "",
         f"NSISA on {ns_numel / 1e6:.1f}M parameters of block matrices (what `param_groups` puts on nsisa): "
         f"{nsisa_ms:.1f} ms/step, of which batched Newton–Schulz "
-        f"(fp32 on CPU) {ns_ms:.1f} ms ({100 * ns_ms / nsisa_ms:.0f}%). NS is compute-bound (O(rows·cols·min) "
-        "per matrix) and dominates on CPU; on CUDA it runs in bf16.",
+        f"({'bf16 on CUDA' if on_cuda else 'fp32 on CPU'}) {ns_ms:.1f} ms ({100 * ns_ms / nsisa_ms:.0f}%). "
+        "NS is compute-bound (O(rows·cols·min) per matrix); the elementwise part is memory-bound like AdamW.",
         "",
-        "`PISA sisa (default)` is `implementation=None` (the torch.compile'd fused kernel on CPU) with the default "
+        "`PISA sisa (default)` is `implementation=None` (the torch.compile'd fused kernel) with the default "
         "`skip_nonfinite=True`, which adds one read of the gradients (a sum per tensor) to find inf/NaN before any "
         "state is touched. Training loops that already call `pisa_zero.grads_are_finite` can turn it off.",
     ]
