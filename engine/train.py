@@ -42,6 +42,14 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 
 
 # ----------------------------------------------------------------------------------------------------- flags
+
+
+def progress_fields(train_loss: float, tokens_per_s: float, val_loss: float) -> dict:
+    """The progress bar's fields; the validation loss shows "-" until the first evaluation."""
+    val = "-" if math.isnan(val_loss) else f"{val_loss:.3f}"
+    return dict(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", val=val)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -521,7 +529,7 @@ def main(argv=None) -> int:
         tb.scalars(scalars, step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", val=f"{last_val:.3f}")
+            bar.set_postfix(progress_fields(train_loss, tokens_per_step / dt, last_val))
         elif step % args.log_interval == 0:
             log(f"step {step}/{args.max_steps} loss {train_loss:.4f} {tokens_per_step / dt:,.0f} tok/s")
 
@@ -543,7 +551,7 @@ def main(argv=None) -> int:
             )
             tb.scalars({"val/loss": last_val, "val/perplexity": math.exp(min(last_val, 50))}, step)
             if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", val=f"{last_val:.3f}")
+                bar.set_postfix(progress_fields(train_loss, tokens_per_step / dt, last_val))
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == args.max_steps or stopping:
             path = save_checkpoint(backend, args, rank, step, extra_state())
             say(f"step {step}: checkpoint {path}")
