@@ -41,13 +41,13 @@ from pisa_zero.monitor import TensorBoard, all_reduce_sum, peak_memory_mb
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-# ----------------------------------------------------------------------------------------------------- flags
-
-
 def progress_fields(train_loss: float, tokens_per_s: float, val_loss: float) -> dict:
     """The progress bar's fields; the validation loss shows "-" until the first evaluation."""
     val = "-" if math.isnan(val_loss) else f"{val_loss:.3f}"
     return dict(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", val=val)
+
+
+# ----------------------------------------------------------------------------------------------------- flags
 
 
 def build_parser() -> argparse.ArgumentParser:
