@@ -140,10 +140,11 @@ class AgentTopology:
     def begin_step(self, grads: list[Tensor], check_finite: bool) -> bool:
         """The control all-reduce: agree on skipping (non-finite gradients anywhere) and compute α. True = go."""
         count = 1.0 if self._local_count is None else self._local_count
-        finite = _all_finite(grads) if check_finite else True
+        finite = F.all_finite(grads) if check_finite else True
         total = count if finite else math.inf
         if self.agents * self.shard_size > 1:
-            flag = torch.tensor([total], dtype=torch.float32, device=_comm_device(grads))
+            device = comm_device(grads[0].device if grads else torch.device("cpu"), self.control_group)
+            flag = torch.tensor([total], dtype=torch.float32, device=device)
             dist.all_reduce(flag, group=self.control_group)
             total = float(flag.item())
         if not math.isfinite(total):
@@ -300,10 +301,12 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     fn(out, inp, group=group)
 
 
-def _comm_device(tensors: list[Tensor]) -> torch.device:
-    if dist.get_backend() == "nccl":
+def comm_device(device: torch.device, group=None) -> torch.device:
+    """Where a collective's buffer must live: NCCL groups need a CUDA tensor even when the data sits on the CPU
+    (offloaded state); gloo takes the data's own device."""
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if not tensors else tensors[0].device
+    return device
 
 
 def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
@@ -311,12 +314,6 @@ def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
     n = sum(t.numel() for t in tensors)
     s = -(-n // parts)
     return torch.zeros(s * parts, dtype=torch.float32, device=tensors[0].device)
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -309,6 +309,14 @@ def _step_compiled(
             )
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """One sum per tensor and a single host sync: a sum is inf/NaN when an element is (or, harmlessly, when finite
+    values overflow fp32 — garbage either way). Sums are the cheapest full read torch has (~13 ms for 100M on CPU)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import resource
 import torch
 from torch import Tensor
 
+from .consensus import comm_device
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
@@ -52,17 +54,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _comm_device(device: torch.device, group=None) -> torch.device:
-    if _distributed() and torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def all_reduce_sum(values: list[float] | Tensor, group=None, device=None) -> Tensor:
     """One all-reduce (sum) of a vector of fp64 scalars; identity when not distributed."""
     vec = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float64)
     if _distributed():
-        vec = vec.to(_comm_device(device or vec.device, group))
+        vec = vec.to(comm_device(device or vec.device, group))
         torch.distributed.all_reduce(vec, group=group)
     return vec.cpu()
 

@@ -259,7 +259,7 @@ class PISA(torch.optim.Optimizer):
                 return loss
         elif self.skip_nonfinite:
             grads = [_local(p.grad) for _, params in active for p in params]
-            if not _all_finite(grads):
+            if not F.all_finite(grads):
                 self.nonfinite_steps_skipped += 1
                 logger.warning("PISA: non-finite gradient; step skipped (%d so far)", self.nonfinite_steps_skipped)
                 return loss
@@ -347,14 +347,6 @@ class PISA(torch.optim.Optimizer):
             w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One sum per tensor and a single host sync: a sum is inf/NaN when an element is (or, harmlessly, when finite
-    values overflow fp32 — garbage either way). Sums are the cheapest full read torch has (~13 ms for 100M on CPU)."""
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
-
-
 _COMPILED_OK: dict[str, bool] = {}
 
 
@@ -383,11 +375,11 @@ def grads_are_finite(params: Iterable[Tensor], group=None) -> bool:
     when it is False, so that no rank's π or v ever sees inf/NaN and the ranks stay in step.
     """
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    finite = _all_finite(grads)
+    finite = F.all_finite(grads)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = grads[0].device if grads else torch.device("cpu")
-        if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
+        from .consensus import comm_device
+
+        device = comm_device(grads[0].device if grads else torch.device("cpu"), group)
         flag = torch.tensor([1.0 if finite else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
         finite = bool(flag.item() == 1.0)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import functional as F
+from ..consensus import comm_device
 from ..optimizer import PISA
 from ..param_groups import param_groups as _auto_param_groups
 
@@ -530,16 +531,10 @@ def partition_layouts(engine) -> dict[int, PartitionLayout]:
     return layouts
 
 
-def _comm_device(group, tensor: torch.Tensor) -> torch.device:
-    if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return tensor.device
-
-
 def gather_full(layout: PartitionLayout, local: torch.Tensor) -> dict[str, torch.Tensor]:
     """All-gather a flat partition over the layout's group; returns ``name -> whole tensor`` for every parameter
     that has a piece in it (in the parameter's shape)."""
-    device = _comm_device(layout.group, local)
+    device = comm_device(local.device, layout.group)
     src = local.detach().to(device)
     chunks = [torch.empty_like(src) for _ in range(layout.world)]
     dist.all_gather(chunks, src.contiguous(), group=layout.group)
@@ -625,7 +620,7 @@ class _PartitionOrthogonalizer:
         result = u.clone()
         if not routing.names:
             return result
-        device = _comm_device(layout.group, u)
+        device = comm_device(u.device, layout.group)
         mats = range(len(routing.names))
         mine = routing.pieces[me]
         owned = [j for j in mats if routing.owner[j] == me]
