@@ -207,7 +207,7 @@ class AgentTopology:
         if not params:
             return
         m = self.agents
-        if m == 1 and params[0].dtype == torch.float32:  # one agent: the plain (mode A) step, no buffer
+        if m == 1 and not _low_precision(params[0]):  # one agent: the plain (mode A) step, no buffer
             F.pisa_step(params, directions, duals, second_moments, steps, scalars, implementation=implementation)
             return
         for bucket in self._buckets(params):
@@ -230,7 +230,7 @@ class AgentTopology:
             offsets.append(offset)
             offset += p.numel()
         views = [buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
-        low_precision = params[0].dtype != torch.float32
+        low_precision = _low_precision(params[0])
         kernel_scalars = dataclasses.replace(scalars, alpha=self.alpha)
         if low_precision:  # decay goes to the fp32 master, not to the bf16 copy
             kernel_scalars = dataclasses.replace(kernel_scalars, decay=1.0)
@@ -309,11 +309,16 @@ def comm_device(device: torch.device, group=None) -> torch.device:
     return device
 
 
+def _low_precision(t: Tensor) -> bool:
+    """Narrower than the arithmetic (bf16/fp16): such groups keep an fp32 master slice on its owner."""
+    return t.dtype != F.arithmetic_dtype(t)
+
+
 def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
-    """Zeroed fp32 buffer for the tensors, padded so that it splits into ``parts`` equal slices."""
+    """Zeroed buffer in the arithmetic dtype (fp32; fp64 for fp64), padded to split into ``parts`` equal slices."""
     n = sum(t.numel() for t in tensors)
     s = -(-n // parts)
-    return torch.zeros(s * parts, dtype=torch.float32, device=tensors[0].device)
+    return torch.zeros(s * parts, dtype=F.arithmetic_dtype(tensors[0]), device=tensors[0].device)
 
 
 # -------------------------------------------------------------------------------------------------------------

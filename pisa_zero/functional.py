@@ -19,7 +19,8 @@ over agents and applies the last line with Σα·c in place of c.
 
 Three back ends compute exactly these operations in the same order: ``single`` (a loop of per-tensor ops),
 ``foreach`` (torch._foreach_* over the list) and ``compiled`` (one torch.compile'd fused kernel per tensor).
-State tensors may be bf16 (``state_dtype``); the arithmetic is always fp32 and the state is rounded on store.
+State tensors may be bf16 (``state_dtype``); the arithmetic is fp32 and the state is rounded on store, except for
+float64 parameters, whose arithmetic (and default state) is float64, as in torch.optim (`arithmetic_dtype`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ ELEMENTWISE_PRECONDITIONERS = ("sisa", "adagrad", "identity")
 PRECONDITIONERS = (*ELEMENTWISE_PRECONDITIONERS, "nsisa")
 IMPLEMENTATIONS = ("single", "foreach", "compiled")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def arithmetic_dtype(t: Tensor) -> torch.dtype:
+    """The step's arithmetic dtype for tensor ``t``: fp32, or fp64 when ``t`` is fp64 (never narrower than t)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,8 @@ class StepScalars:
 
 
 def newton_schulz(matrix: Tensor, steps: int = 5, compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Quintic Newton–Schulz orthogonalisation of Muon on a matrix or a batch ``(..., rows, cols)``; returns fp32."""
+    """Quintic Newton–Schulz orthogonalisation of Muon on a matrix or a batch ``(..., rows, cols)``; returns fp32
+    (fp64 for an fp64 input)."""
     a, b, c = NS_COEFFICIENTS
     x = matrix.to(compute_dtype)
     transposed = x.size(-2) > x.size(-1)
@@ -70,7 +77,7 @@ def newton_schulz(matrix: Tensor, steps: int = 5, compute_dtype: torch.dtype = t
         x = a * x + poly @ x
     if transposed:
         x = x.mT
-    return x.float()
+    return x.to(arithmetic_dtype(matrix))
 
 
 def orthogonalize(momentum: Tensor, steps: int = 5, compute_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -79,8 +86,10 @@ def orthogonalize(momentum: Tensor, steps: int = 5, compute_dtype: torch.dtype =
     return newton_schulz(momentum, steps, compute_dtype) * math.sqrt(max(1.0, rows / cols))
 
 
-def ns_compute_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are slow and inexact there); bf16 on accelerators, as Muon does."""
+def ns_compute_dtype(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow and inexact there); bf16 on accelerators, as Muon does; fp64 for fp64."""
+    if dtype == torch.float64:
+        return torch.float64
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
@@ -88,19 +97,20 @@ def nesterov_momentum(grads: list[Tensor], momenta: list[Tensor], mu: float, nes
     """b ← μ b + g; returns u = g + μ b (Nesterov) or b. Momenta are updated in place (rounded to their dtype)."""
     directions = []
     for g, b in zip(grads, momenta):
-        b_new = b.float().mul_(mu).add_(g)
+        dtype = arithmetic_dtype(g)
+        b_new = b.to(dtype).mul_(mu).add_(g)
         b.copy_(b_new)
-        directions.append(g.float().add(b_new, alpha=mu) if nesterov else b_new)
+        directions.append(g.to(dtype).add(b_new, alpha=mu) if nesterov else b_new)
     return directions
 
 
 def orthogonalize_batched(directions: list[Tensor], steps: int, compute_dtype: torch.dtype) -> list[Tensor]:
     """Orthogonalise every 2-D tensor of the list, batching same-shape matrices; other tensors pass through."""
     out: list[Tensor] = list(directions)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+    by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(directions):
         if u.ndim == 2:
-            by_shape.setdefault(tuple(u.shape), []).append(i)
+            by_shape.setdefault((*u.shape, u.dtype), []).append(i)
     for indices in by_shape.values():
         ortho = orthogonalize(torch.stack([directions[i] for i in indices]), steps, compute_dtype)
         for j, i in enumerate(indices):
@@ -124,17 +134,18 @@ def _step_single(
 ) -> None:
     if s.decay != 1.0:
         w.mul_(s.decay)
-    dual_f = dual.float()
-    h = g.float().add(dual_f)
+    dtype = arithmetic_dtype(w)
+    dual_f = dual.to(dtype)
+    h = g.to(dtype).add(dual_f)
     if s.preconditioner == "identity":
         d = h.div(s.sigma + s.rho)
     else:
         if s.preconditioner == "sisa":
-            v = second_moment.float().mul_(s.beta2).addcmul_(h, h, value=1.0 - s.beta2)
+            v = second_moment.to(dtype).mul_(s.beta2).addcmul_(h, h, value=1.0 - s.beta2)
             second_moment.copy_(v)
             q = v.div(bias_correction2).sqrt_().add_(s.eps)
         elif s.preconditioner == "adagrad":
-            v = second_moment.float().addcmul_(h, h)
+            v = second_moment.to(dtype).addcmul_(h, h)
             second_moment.copy_(v)
             q = v.sqrt().add_(s.eps)
         else:  # nsisa
@@ -156,8 +167,8 @@ def _step_single(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _as_fp32(tensors: list[Tensor]) -> list[Tensor]:
-    return [t.float() for t in tensors] if tensors and tensors[0].dtype != torch.float32 else tensors
+def _as_dtype(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [t.to(dtype) for t in tensors] if tensors and tensors[0].dtype != dtype else tensors
 
 
 def _step_foreach(
@@ -171,13 +182,14 @@ def _step_foreach(
 ) -> None:
     if s.decay != 1.0:
         torch._foreach_mul_(ws, s.decay)
-    duals_f = _as_fp32(duals)  # the state itself when fp32, so the updates below are in place
-    h = torch._foreach_add(_as_fp32(gs), duals_f)
+    dtype = arithmetic_dtype(ws[0])
+    duals_f = _as_dtype(duals, dtype)  # the state itself when already in dtype, so the updates below are in place
+    h = torch._foreach_add(_as_dtype(gs, dtype), duals_f)
     if s.preconditioner == "identity":
         d = torch._foreach_div(h, s.sigma + s.rho)
     else:
         if s.preconditioner in ("sisa", "adagrad"):
-            vs = _as_fp32(second_moments)
+            vs = _as_dtype(second_moments, dtype)
             if s.preconditioner == "sisa":
                 torch._foreach_mul_(vs, s.beta2)
                 torch._foreach_addcmul_(vs, h, h, value=1.0 - s.beta2)
@@ -221,17 +233,18 @@ def _step_foreach(
 def _fused_kernel(w, g, dual, second_moment, scalars, preconditioner: str, write_contribution: bool, contribution):
     sigma, rho = scalars[_SIGMA], scalars[_RHO]
     w_f = w * scalars[_DECAY]
-    dual_f = dual.float()
-    h = g.float() + dual_f
+    dtype = scalars.dtype  # arithmetic_dtype(w): the scalar table is built in it
+    dual_f = dual.to(dtype)
+    h = g.to(dtype) + dual_f
     if preconditioner == "identity":
         d = h / scalars[_SIGMA_PLUS_RHO]
     else:
         if preconditioner == "sisa":
-            v = second_moment.float() * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
+            v = second_moment.to(dtype) * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
             second_moment.copy_(v)
             q = torch.sqrt(v / scalars[_BC2]) + scalars[_EPS]
         elif preconditioner == "adagrad":
-            v = second_moment.float() + h * h
+            v = second_moment.to(dtype) + h * h
             second_moment.copy_(v)
             q = torch.sqrt(v) + scalars[_EPS]
         else:
@@ -288,7 +301,7 @@ def _step_compiled(
     for row, bc2 in zip(table, bias_corrections2):
         row[_BC2] = bc2
     # One host-to-device copy per call (not per tensor): per-tensor copies dominate a GPU step otherwise.
-    scalars = torch.tensor(table, dtype=torch.float32).to(ws[0].device, non_blocking=True)
+    scalars = torch.tensor(table, dtype=arithmetic_dtype(ws[0])).to(ws[0].device, non_blocking=True)
     # One graph per (preconditioner, mode, dtypes, device): more than dynamo's default limit of 8 variants.
     with torch._dynamo.config.patch(recompile_limit=64):
         if ws[0].device.type != "cpu":
@@ -343,6 +356,16 @@ def pisa_step(
         return
     if scalars.preconditioner not in ("sisa", "adagrad"):
         second_moments = None
+    kinds = [(w.dtype, d.dtype) for w, d in zip(params, duals)]
+    if implementation != "single" and len(set(kinds)) > 1:  # one dtype per list op, as torch.optim groups them
+        for kind in dict.fromkeys(kinds):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            pick = lambda xs, idx=idx: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+            pisa_step(
+                pick(params), pick(directions), pick(duals), pick(second_moments), pick(steps), scalars,
+                implementation=implementation, contributions=pick(contributions),
+            )  # fmt: skip
+        return
     bias_corrections2 = [1.0 - scalars.beta2**t for t in steps]
     if implementation == "single":
         for i, w in enumerate(params):
@@ -366,7 +389,7 @@ def pisa_step(
 def apply_consensus(params: list[Tensor], summed_contributions: list[Tensor], sigma: float, l2_lambda: float) -> None:
     """w ← w + (Σα·c − λ w)/(σ + λ) on each tensor (the server step of mode B)."""
     for w, c in zip(params, summed_contributions):
-        c = c.float()
+        c = c.to(arithmetic_dtype(w))
         if l2_lambda != 0.0:
             c = c.sub(w, alpha=l2_lambda)
         w.add_(c.div(sigma + l2_lambda))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import shutil
 from collections.abc import Iterable
 
@@ -34,9 +35,14 @@ def _is_matrix_partition(t: Tensor) -> bool:
     return len(getattr(t, "ds_shape", ())) >= 2
 
 
-def _check_range(name: str, value, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"PISA: invalid {name}={value!r}: expected {expected}")
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value, ok, expected: str, where: str = "") -> None:
+    """ValueError naming the key and value unless ``value`` is a real number (not a str/bool) with ``ok(value)``."""
+    if not (_is_real(value) and ok(value)):
+        raise ValueError(f"PISA: invalid {name}={value!r}{where}: expected {expected}")
 
 
 class PISA(torch.optim.Optimizer):
@@ -87,7 +93,8 @@ class PISA(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (w ← w (1 − lr·wd) before the step).
         ns_steps: Newton–Schulz iterations (nsisa).
         implementation: "single", "foreach", "compiled", or None for the fastest that works on the device.
-        state_dtype: dtype of π, v and b (fp32 default; bf16 halves their memory at the cost of rounding).
+        state_dtype: dtype of π, v and b (fp32 default, fp64 for fp64 parameters; bf16 halves their memory at the
+            cost of rounding). The arithmetic is fp32, or fp64 for fp64 parameters.
         betas: (β₁, β₂) of ``adamw`` groups.
         skip_nonfinite: skip a call whose gradients contain inf/NaN (see above).
         consensus: a `pisa_zero.consensus.AgentTopology` or a ProcessGroup (every rank one agent) for mode B;
@@ -153,42 +160,48 @@ class PISA(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
+        self._validate_group(group, f" in param group {len(self.param_groups) - 1}")
         if group["lr"] is None:
             group["lr"] = 1.0 / (group["sigma"] + group["rho"])
         group.setdefault("lr_ref", group["lr"])
         self._known_params.update(id(p) for p in group["params"])
 
     @staticmethod
-    def _validate_group(group: dict) -> None:
+    def _validate_group(group: dict, where: str = "") -> None:
+        """Check every hyper-parameter of ``group`` (at construction, and at each step(): schedulers and users
+        write groups); ``where`` names the group in the message."""
         p = group["preconditioner"]
-        _check_range("preconditioner", p, p in PRECONDITIONERS, f"one of {PRECONDITIONERS}")
+        if p not in PRECONDITIONERS:
+            raise ValueError(f"PISA: invalid preconditioner={p!r}{where}: expected one of {PRECONDITIONERS}")
         lr = group["lr"]
+        finite_nonneg = lambda x: math.isfinite(x) and x >= 0  # noqa: E731
         if p == "adamw":
-            _check_range("lr", lr, lr is not None and math.isfinite(lr) and lr >= 0, "a finite lr >= 0 for adamw")
-            b1, b2 = group["betas"]
-            _check_range("betas", group["betas"], 0 <= b1 < 1 and 0 <= b2 < 1, "each beta in [0, 1)")
+            _check_range("lr", lr, finite_nonneg, "a finite lr >= 0 for adamw", where)
+            betas = group["betas"]
+            pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_real, betas))
+            if not (pair and all(0 <= b < 1 for b in betas)):
+                raise ValueError(f"PISA: invalid betas={betas!r}{where}: expected (beta1, beta2), each in [0, 1)")
         else:
-            _check_range("lr", lr, lr is None or (math.isfinite(lr) and lr >= 0), "None or a finite lr >= 0")
-            sigma, rho = group["sigma"], group["rho"]
-            _check_range("sigma", sigma, math.isfinite(sigma) and sigma > 0, "a finite sigma > 0")
-            _check_range("rho", rho, math.isfinite(rho) and rho >= 0, "a finite rho >= 0")
-            if lr is None:
-                _check_range("lr", lr, sigma + rho > 0, "an explicit lr (sigma + rho is 0)")
-            elif lr == 0 and "lr_ref" not in group:
-                raise ValueError("PISA: invalid lr=0 at construction: the reference lr must be > 0")
-            beta2 = group["beta2"]
-            _check_range("beta2", beta2, 0 <= beta2 < 1, "beta2 in [0, 1)")
-            mu = group["momentum"]
-            _check_range("momentum", mu, 0 <= mu < 1, "momentum in [0, 1)")
-            lam = group["l2_lambda"]
-            _check_range("l2_lambda", lam, math.isfinite(lam) and lam >= 0, "a finite l2_lambda >= 0")
+            if lr is not None:
+                _check_range("lr", lr, finite_nonneg, "None or a finite lr >= 0", where)
+            _check_range("sigma", group["sigma"], lambda x: math.isfinite(x) and x > 0, "a finite sigma > 0", where)
+            _check_range("rho", group["rho"], finite_nonneg, "a finite rho >= 0", where)
+            if lr is None and group["sigma"] + group["rho"] <= 0:
+                raise ValueError(f"PISA: invalid lr=None{where}: expected an explicit lr (sigma + rho is 0)")
+            if lr == 0 and "lr_ref" not in group:
+                raise ValueError(f"PISA: invalid lr=0{where} at construction: the reference lr must be > 0")
+            if "lr_ref" in group:
+                ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731
+                _check_range("lr_ref", group["lr_ref"], ok, "a finite reference lr > 0", where)
+            _check_range("beta2", group["beta2"], lambda x: 0 <= x < 1, "beta2 in [0, 1)", where)
+            _check_range("momentum", group["momentum"], lambda x: 0 <= x < 1, "momentum in [0, 1)", where)
+            if not isinstance(group["nesterov"], bool):
+                raise ValueError(f"PISA: invalid nesterov={group['nesterov']!r}{where}: expected True or False")
+            _check_range("l2_lambda", group["l2_lambda"], finite_nonneg, "a finite l2_lambda >= 0", where)
             ns = group["ns_steps"]
-            _check_range("ns_steps", ns, isinstance(ns, int) and ns >= 1, "an integer ns_steps >= 1")
-        eps = group["eps"]
-        _check_range("eps", eps, math.isfinite(eps) and eps > 0, "a finite eps > 0")
-        wd = group["weight_decay"]
-        _check_range("weight_decay", wd, math.isfinite(wd) and wd >= 0, "a finite weight_decay >= 0")
+            _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
+        _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)
+        _check_range("weight_decay", group["weight_decay"], finite_nonneg, "a finite weight_decay >= 0", where)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -211,11 +224,13 @@ class PISA(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
-                state["dual"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+                # never narrower than the arithmetic: fp64 parameters keep fp64 state unless bf16 was asked for
+                dtype = F.arithmetic_dtype(p) if self.state_dtype == torch.float32 else self.state_dtype
+                state["dual"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if preconditioner in ("sisa", "adagrad"):
-                    state["second_moment"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["second_moment"] = torch.zeros_like(p, dtype=dtype)
                 elif preconditioner == "nsisa":
-                    state["momentum"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["momentum"] = torch.zeros_like(p, dtype=dtype)
         return state
 
     @torch.no_grad()
@@ -243,6 +258,8 @@ class PISA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for i, group in enumerate(self.param_groups):  # a scheduler or a user may have written any of them
+            self._validate_group(group, f" in param group {i} at step()")
         active = [
             (group, [p for p in group["params"] if p.grad is not None])
             for group in self.param_groups
@@ -318,8 +335,7 @@ class PISA(torch.optim.Optimizer):
         dtensor = [i for i, p in enumerate(params) if isinstance(p, DTensor)]
         if not dtensor:
             us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
-            device = params[0].device
-            return F.orthogonalize_batched(us, group["ns_steps"], F.ns_compute_dtype(device))
+            return F.orthogonalize_batched(us, group["ns_steps"], F.ns_compute_dtype(us[0].device, us[0].dtype))
         # Sharded DTensors (FSDP2): whole matrices routed to owner ranks (pisa_zero.consensus), shards returned.
         local_us = F.nesterov_momentum(
             [_local(g) for g in grads], [_local(b) for b in momenta], group["momentum"], group["nesterov"]

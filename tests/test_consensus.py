@@ -92,6 +92,9 @@ def _body(rank, world, steps):
         # bf16 parameters: fp32 master slice on its owner only, bf16 all-gather
         model, opt, _ = _train(topo, steps, sizes, heterogeneous=False, mixed=False, dtype=torch.bfloat16)
         out["bf16"] = (_weights(model), sum(t.numel() for t in topo._masters.values()))
+        # fp64 parameters: fp64 arithmetic, buffers and state (no fp32 master), the reference to 1e-10
+        model, _, _ = _train(topo, steps, sizes, heterogeneous=False, mixed=False, dtype=torch.float64)
+        out["fp64"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
 
 
@@ -133,6 +136,7 @@ def test_mode_b_two_agents_matches_reference():
     n_params = sum(w.numel() for w in ref.values())
     assert results[0]["bf16"][1] == math.ceil(n_params / 2)
     assert max_rel_err(results[0]["bf16"][0], ref) <= 2e-2
+    assert max_rel_err(results[0]["fp64"], ref) <= 1e-10
 
 
 @pytest.mark.slow

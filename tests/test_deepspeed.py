@@ -76,6 +76,9 @@ def reference(cfg, steps, world=2):
         ({"param_groups": "auto", "other_options": {"lrr": 1e-3}}, "lrr"),
         ({"param_groups": "auto", "other_options": {"betas": [0.9, 1.2]}}, "betas"),
         ({"state_dtype": "float8"}, "state_dtype"),
+        ({"sigma": "thirty"}, "sigma='thirty'"),  # was "must be real number, not str" (no key)
+        ({"lr": "abc"}, "lr='abc'"),
+        ({"param_groups": "auto", "other_options": {"lr": "abc"}}, "lr='abc'"),
     ],
 )
 def test_bad_optimizer_params_fail_fast(params, match):

@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -66,6 +67,42 @@ def test_matches_reference_bf16_state(preconditioner, implementation):
     params, ref, opt = run_pair(preconditioner, implementation, steps=50, state_dtype=torch.bfloat16, **HP)
     assert opt.state[params[0]]["dual"].dtype == torch.bfloat16
     assert max_rel_err(params, ref) <= 2e-2
+
+
+@pytest.mark.parametrize("implementation", ["single", "foreach", None])
+@pytest.mark.parametrize("preconditioner", PRECONDITIONERS)
+def test_matches_reference_fp64(preconditioner, implementation):
+    # float64 parameters get float64 arithmetic and state (as torch.optim): the reference in float64 to 1e-10.
+    params = [torch.nn.Parameter(p.detach().double()) for p in make_params()]
+    ref = ReferencePISA(params, preconditioner=preconditioner, **HP)
+    opt = PISA(params, preconditioner=preconditioner, implementation=implementation, **HP)
+    stream = grad_stream(params)
+    for _ in range(30):
+        grads = [g.double() for g in next(stream)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step([lambda w, grads=grads: grads])
+    assert opt.state[params[0]]["dual"].dtype == torch.float64
+    assert max_rel_err(params, ref) <= 1e-10
+
+
+def test_mixed_dtype_group_steps_each_dtype_in_its_own_arithmetic():
+    # one group holding fp64 and fp32 params: each tensor gets the step of a group of its own dtype
+    shapes = [(5, 3), (4,)]
+    mixed = [torch.nn.Parameter(torch.randn(s, dtype=dt)) for s, dt in zip(shapes, (torch.float64, torch.float32))]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in mixed]
+    opt_mixed = PISA(mixed, implementation="foreach", **HP)
+    opts_alone = [PISA([p], implementation="foreach", **HP) for p in alone]
+    for _ in range(5):
+        for p, q in zip(mixed, alone):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt_mixed.step()
+        for opt in opts_alone:
+            opt.step()
+    for p, q in zip(mixed, alone):
+        assert p.dtype == q.dtype and torch.equal(p, q)
 
 
 @pytest.mark.parametrize("preconditioner", PRECONDITIONERS)
@@ -286,6 +323,70 @@ def test_nsisa_on_vectors_uses_raw_nesterov_momentum():
 def test_validation_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=rf"invalid {name}="):
         PISA([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(sigma="thirty"), "sigma"),
+        (dict(lr="abc"), "lr"),
+        (dict(rho=None), "rho"),
+        (dict(eps="1e-8"), "eps"),
+        (dict(beta2=[0.9]), "beta2"),
+        (dict(nesterov="yes"), "nesterov"),
+        (dict(ns_steps=5.0), "ns_steps"),
+        (dict(sigma=True), "sigma"),
+        (dict(preconditioner="adamw", lr=1e-3, betas=("0.9", 0.95)), "betas"),
+        (dict(preconditioner="adamw", lr=1e-3, betas=0.9), "betas"),
+    ],
+)
+def test_wrong_types_name_the_argument(kwargs, name):
+    # "must be real number, not str" named nothing; the message must name the key and the value
+    value = repr(next(iter(kwargs.values())) if name != "betas" else kwargs["betas"])
+    with pytest.raises(ValueError, match=rf"invalid {name}={re.escape(value)}"):
+        PISA([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+BAD_GROUP_VALUES = [
+    ("lr", float("nan")),
+    ("lr", float("inf")),
+    ("lr", -1e-3),
+    ("lr", "abc"),
+    ("eps", 0.0),
+    ("weight_decay", float("nan")),
+]
+BAD_PISA_GROUP_VALUES = [
+    ("sigma", 0.0),
+    ("sigma", float("nan")),
+    ("sigma", float("inf")),
+    ("rho", float("nan")),
+    ("rho", -1.0),
+    ("beta2", 1.0),
+    ("lr_ref", 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "preconditioner, key, value",
+    [("sisa", k, v) for k, v in BAD_GROUP_VALUES + BAD_PISA_GROUP_VALUES]
+    + [("adamw", k, v) for k, v in BAD_GROUP_VALUES],
+)
+def test_group_values_written_after_construction_are_checked_at_step(preconditioner, key, value):
+    # schedulers and users write groups: a bad value must stop step() naming the group and the key, before any
+    # parameter or state changes (it used to give NaN weights, or step silently for lr < 0)
+    params = make_params(shapes=[(3, 2), (4,)])
+    opt = PISA([{"params": params[:1]}, {"params": params[1:], "preconditioner": preconditioner, "lr": 1e-2}], **HP)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=rf"invalid {key}={re.escape(repr(value))} in param group 1 at step\(\)"):
+        opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before[0], params))
+    for k, state in before[1]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, opt.state_dict()["state"][k][name])
 
 
 def test_validation_applies_to_added_groups():
