@@ -2,20 +2,19 @@
 
 from .integrations.deepspeed import (
     PISA_KEYS,
-    add_config_arguments,
     build_optimizer,
+    convert_checkpoint,
     initialize,
     install_nsisa,
     is_pisa_config,
+    load_universal,
     parse_pisa_params,
     register,
     unregister,
 )
-from .integrations.deepspeed_checkpoint import convert_checkpoint, load_universal
 
 __all__ = [
     "PISA_KEYS",
-    "add_config_arguments",
     "build_optimizer",
     "convert_checkpoint",
     "initialize",

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     parser.add_argument("--output_folder", required=True, help="where to write the converted checkpoint")
     args = parser.parse_args(argv)
-    from pisa_zero.integrations.deepspeed_checkpoint import convert_checkpoint
+    from pisa_zero.integrations.deepspeed import convert_checkpoint
 
     out = convert_checkpoint(args.input_folder, args.output_folder, tag=args.tag)
     print(f"wrote {out}")

@@ -25,7 +25,8 @@ deepspeed = pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 import pisa_zero.deepspeed as pds  # noqa: E402
-from pisa_zero.integrations import deepspeed as integ  # noqa: E402
+from pisa_zero.integrations.deepspeed import config as ds_config  # noqa: E402
+from pisa_zero.integrations.deepspeed import layout as ds_layout  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from tests.ds_scripts import checks as K  # noqa: E402
 from tests.ds_scripts import common as C  # noqa: E402
@@ -101,13 +102,13 @@ def test_bad_zero_configs_fail_fast(tmp_path):
     accum32 = C.ds_config(1, 2, params=NSISA, bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
     with pytest.raises(ValueError, match="grad_accum_dtype"):
         pds.initialize(model=model, config=accum32)
-    old = integ.TESTED_DEEPSPEED
-    integ.TESTED_DEEPSPEED = ((0, 0),)
+    old = ds_layout.TESTED_DEEPSPEED
+    ds_layout.TESTED_DEEPSPEED = ((0, 0),)
     try:  # a DeepSpeed version nobody checked the partition layout on: nsisa is refused, loudly, at initialize
         with pytest.raises(ValueError, match="TESTED_DEEPSPEED"):
             pds.initialize(model=model, config=C.ds_config(3, 2, params=NSISA))
     finally:
-        integ.TESTED_DEEPSPEED = old
+        ds_layout.TESTED_DEEPSPEED = old
     assert not torch.distributed.is_initialized()
 
 
@@ -115,15 +116,15 @@ def test_config_sources_and_flags(tmp_path):
     cfg = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu"}})
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    loaded, ds_args = integ._load_config(type("A", (), {"deepspeed_config": str(path)})(), None)
+    loaded, ds_args = ds_config._load_config(type("A", (), {"deepspeed_config": str(path)})(), None)
     assert loaded == cfg and ds_args.deepspeed_config is None
-    spec = integ.parse_pisa_params(loaded["optimizer"]["params"])
-    out = integ.prepare_config(loaded, spec)
+    spec = ds_config.parse_pisa_params(loaded["optimizer"]["params"])
+    out = ds_config.prepare_config(loaded, spec)
     assert out["zero_allow_untested_optimizer"] is True and out["zero_force_ds_cpu_optimizer"] is False
     user = dict(cfg, zero_allow_untested_optimizer=False)  # an explicit user setting is kept
-    assert integ.prepare_config(user, spec)["zero_allow_untested_optimizer"] is False
+    assert ds_config.prepare_config(user, spec)["zero_allow_untested_optimizer"] is False
     with pytest.raises(ValueError, match="both"):
-        integ._load_config(type("A", (), {"deepspeed_config": str(path)})(), cfg)
+        ds_config._load_config(type("A", (), {"deepspeed_config": str(path)})(), cfg)
 
 
 def test_shipped_configs_parse():
@@ -133,7 +134,7 @@ def test_shipped_configs_parse():
         assert pds.is_pisa_config(cfg)
         spec = pds.parse_pisa_params(cfg["optimizer"]["params"])
         assert spec.auto_groups and spec.matrix_preconditioner == "nsisa"
-        integ.prepare_config(cfg, spec)
+        ds_config.prepare_config(cfg, spec)
         model = C.make_model()
         opt, sched = pds.build_optimizer(model, cfg)
         assert [g["preconditioner"] for g in opt.param_groups] == ["nsisa", "adamw"]

@@ -101,9 +101,31 @@ def consensus_partitions(engine) -> list[torch.Tensor]:
     return list(zero_opt.fp32_partitioned_groups_flat)
 
 
+def gather_full(layout, local: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All-gather a flat partition over the layout's group; returns ``name -> whole tensor`` for every parameter
+    that has a piece in it (in the parameter's shape)."""
+    from pisa_zero.consensus import comm_device
+
+    device = comm_device(local.device, layout.group)
+    src = local.detach().to(device)
+    chunks = [torch.empty_like(src) for _ in range(layout.world)]
+    torch.distributed.all_gather(chunks, src.contiguous(), group=layout.group)
+    full: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for r, pieces in enumerate(layout.pieces):
+        for pc in pieces:
+            if pc.name not in full:
+                full[pc.name] = torch.zeros(torch.Size(pc.shape).numel(), dtype=local.dtype, device=local.device)
+                shapes[pc.name] = pc.shape
+            full[pc.name][pc.param_start : pc.param_start + pc.numel] = chunks[r][
+                pc.local_start : pc.local_start + pc.numel
+            ].to(local.device)
+    return {n: t.view(shapes[n]) for n, t in full.items()}
+
+
 def consensus_weights(engine) -> dict[str, torch.Tensor]:
     """Whole fp32 master weights (the consensus w) from the engine's flat partitions, on every rank."""
-    from pisa_zero.integrations.deepspeed import gather_full, partition_layouts
+    from pisa_zero.integrations.deepspeed import partition_layouts
 
     zero_opt = engine.optimizer
     if engine.zero_optimization_stage() in (1, 2):
@@ -119,7 +141,7 @@ def consensus_weights(engine) -> dict[str, torch.Tensor]:
 
 def pisa_states(engine) -> dict[str, dict[str, torch.Tensor]]:
     """Whole per-parameter optimizer state tensors (key -> tensor) gathered from the flat partitions."""
-    from pisa_zero.integrations.deepspeed import gather_full, partition_layouts
+    from pisa_zero.integrations.deepspeed import partition_layouts
 
     zero_opt = engine.optimizer
     flats = (

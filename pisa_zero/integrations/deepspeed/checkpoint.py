@@ -203,8 +203,8 @@ def _read_param(folder: str, name: str) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_universal(engine, folder: str, load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True):
     """Load a folder written by :func:`convert_checkpoint` into ``engine`` (any world size, ZeRO 1/2/3)."""
-    from ..optimizer import PISA
-    from .deepspeed import partition_layouts
+    from ...optimizer import PISA
+    from .layout import partition_layouts
 
     meta = _load(os.path.join(folder, META_FILE))
     if meta.get("format") != FORMAT:
