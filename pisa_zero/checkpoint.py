@@ -12,6 +12,11 @@ Atomic: everything is written to ``<path>.v-<id>``; after a barrier rank 0 point
 one ``os.replace`` and then removes the version it replaced. A writer killed at any moment leaves ``<path>`` pointing
 at the previous complete checkpoint (an orphaned ``<path>.v-*`` directory may remain).
 
+Verified: ``save`` refuses (ValueError naming the tensor, nothing written) when a weight or state tensor is inf/NaN,
+so a diverged run never replaces the last good checkpoint. ``pisa_meta.json`` records the SHA-256 of every other file
+(``sha256sum`` can check them by hand); ``load`` re-hashes them before reading any tensor (each rank a share of the
+files) and refuses a corrupted or missing file by name, then refuses a non-finite loaded tensor by name.
+
 Resharding on load:
 - the shard count k changes freely (DCP reshards DTensors and plain tensors; 4 ranks → 2 → 1 process);
 - the agent count changes by the rule below (``agent_mapping``), where m = saved agents, m' = agents now:
@@ -26,6 +31,7 @@ Resharding on load:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +62,62 @@ def _rank() -> int:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
+
+
+def _all_ranks(value) -> list:
+    """Every rank's ``value`` (a small picklable object), in rank order."""
+    if not _dist_on():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _first_nonfinite(tree, prefix: str = "") -> str | None:
+    """The key of the first floating tensor of a state-dict tree (this rank's shards) holding inf/NaN, or None."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    elif isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        return None if bool(torch.isfinite(_local(tree)).all()) else prefix
+    else:
+        return None
+    for key, value in items:
+        found = _first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _raise_if_nonfinite(tree, what: str) -> None:
+    """Collective: ValueError on every rank when any rank holds a non-finite tensor (named, with its rank)."""
+    bad = [(rank, key) for rank, key in enumerate(_all_ranks(_first_nonfinite(tree))) if key is not None]
+    if bad:
+        rank, key = bad[0]
+        raise ValueError(f"{what}: non-finite values (inf/NaN) in {key!r} on rank {rank}")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(version: str) -> list[str]:
+    """Every file of a checkpoint but its META, relative and sorted (the same list on every rank)."""
+    found = []
+    for root, _, names in os.walk(version):
+        found += [os.path.relpath(os.path.join(root, n), version) for n in names]
+    return sorted(f for f in found if f != META)
+
+
+def _my_share(files: list[str]) -> list[str]:
+    """The files this rank hashes: the work is split over the ranks."""
+    world = dist.get_world_size() if _dist_on() else 1
+    return files[_rank() :: world]
 
 
 def _agents(optimizer) -> tuple[int, int, float]:
@@ -89,6 +151,9 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.islink(path) and not os.path.isdir(path):
         raise ValueError(f"checkpoint.save: path={path!r} exists and is not a checkpoint directory")
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    # before anything is written: a diverged model must never replace the last good checkpoint
+    _raise_if_nonfinite({"model": model_sd, "optimizer": optim_sd}, f"checkpoint.save: refusing to write {path!r}")
     agents, agent_index, alpha = _agents(optimizer)
     version = [f"{path}.v-{uuid.uuid4().hex[:12]}"]
     alphas = [alpha]
@@ -99,15 +164,17 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
         alphas = [dict(gathered)[i] for i in range(agents)]
     version = version[0]
 
-    model_sd, optim_sd = _state_dicts(model, optimizer)
     with _quiet():
         dcp.save({"model": model_sd, f"optim_agent{agent_index}": optim_sd}, checkpoint_id=version)
     os.makedirs(os.path.join(version, "extra"), exist_ok=True)
     torch.save(extra or {}, os.path.join(version, "extra", f"rank{_rank()}.pt"))
-    if _rank() == 0:
-        with open(os.path.join(version, META), "w") as f:
-            json.dump({"format": FORMAT, "agents": agents, "alphas": alphas}, f)
     _barrier()  # every rank's files are in place
+    sums = {f: _sha256(os.path.join(version, f)) for f in _my_share(_checkpoint_files(version))}
+    sums = {f: h for share in _all_ranks(sums) for f, h in share.items()}
+    if _rank() == 0:  # META last: its presence marks a complete checkpoint
+        with open(os.path.join(version, META), "w") as f:
+            json.dump({"format": FORMAT, "agents": agents, "alphas": alphas, "sha256": dict(sorted(sums.items()))}, f)
+    _barrier()
     if _rank() == 0:
         _publish(path, version)
     _barrier()
@@ -161,6 +228,23 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _verify_files(path: str, sums: dict | None) -> None:
+    """Collective: every file listed in META exists and has its recorded SHA-256 (each rank hashes a share).
+    Checkpoints written before checksums existed (no ``sha256``) rely on the finite check after loading."""
+    if sums is None:
+        return
+    problems = []
+    for name in _my_share(sorted(sums)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing")
+        elif _sha256(file) != sums[name]:
+            problems.append(f"{file} is corrupted (its SHA-256 differs from the one recorded in {META} at save time)")
+    problems = [p for share in _all_ranks(problems) for p in share]
+    if problems:
+        raise ValueError(f"checkpoint.load: {path!r} failed verification: " + "; ".join(problems))
+
+
 def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     """Load ``path`` into ``model`` and ``optimizer`` (every rank calls it); returns this rank's ``extra``
     (rank 0's when the checkpoint had fewer ranks)."""
@@ -171,10 +255,14 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise ValueError(f"checkpoint.load: path={path!r} is not a complete pisa_zero checkpoint (no {META})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint.load: unsupported format={meta.get('format')!r} in {meta_path}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint.load: cannot read {meta_path}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint.load: unsupported format in {meta_path}")
+    _verify_files(path, meta.get("sha256"))
     agents, agent_index, _ = _agents(optimizer)
     sources = agent_mapping(meta["agents"], agents, agent_index, meta["alphas"])
 
@@ -202,6 +290,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
                     for key, t in per_param.items():
                         if key != "step" and t.is_floating_point():
                             _local(merged["state"][fqn][key]).add_(_local(t), alpha=weight)
+    _raise_if_nonfinite({"model": model_sd, "optimizer": merged}, f"checkpoint.load: {path!r} is unusable")
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=merged)
     extra_dir = os.path.join(path, "extra")
     mine = os.path.join(extra_dir, f"rank{_rank()}.pt")

@@ -1,8 +1,10 @@
 """DCP checkpoints: atomic writes, extra round-trip, resharding 4 → 2 → 1 ranks (mode A), per-agent state saved,
 preserved and merged by the documented rule (mode B), and a writer killed mid-save."""
 
+import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 
@@ -82,6 +84,14 @@ def _save_4(rank, world, root):
     out["b_alpha"] = topo.alpha
     train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
     out["b_final"] = weights(model)
+    # a NaN in rank 3's shard only: every rank refuses the save (no deadlock), "b" stays the published one
+    if rank == 3:
+        with torch.no_grad():
+            model.inp.weight.to_local()[0, 0] = float("nan")
+    try:
+        checkpoint.save(os.path.join(root, "b"), model, opt)
+    except ValueError as e:
+        out["refused"] = str(e)
     return out
 
 
@@ -113,6 +123,8 @@ def test_save_4_ranks_load_2_and_1(tmp_path):
     root = str(tmp_path)
     saved = run_distributed(_save_4, 4, root, timeout=240)
     assert os.path.islink(os.path.join(root, "a")) and os.path.isfile(os.path.join(root, "a", checkpoint.META))
+    assert all("non-finite values (inf/NaN) in 'model.inp.weight' on rank 3" in r["refused"] for r in saved)
+    assert len([p for p in os.listdir(root) if p.startswith("b.v-")]) == 1
     loaded = run_distributed(_load_2, 2, root, timeout=240)
 
     # mode A: 4 ranks → 2 ranks → continue == uninterrupted (fp32 round-off: gradient sums over 2 vs 4 ranks)
@@ -220,3 +232,86 @@ def test_load_errors(tmp_path):
         checkpoint.agent_mapping(3, 2, 0, [1 / 3] * 3)
     assert checkpoint.agent_mapping(4, 2, 1, [0.1, 0.2, 0.3, 0.4]) == [(2, 0.3 / 0.7), (3, 0.4 / 0.7)]
     assert checkpoint.agent_mapping(2, 4, 3, [0.5, 0.5]) == [(1, 1.0)]
+
+
+def _saved(tmp_path, steps=2):
+    model = make_model()
+    opt = PISA(groups(model), **HP)
+    train(model, opt, 0, steps)
+    path = str(tmp_path / "ckpt")
+    version = checkpoint.save(path, model, opt, extra={"step": steps})
+    return path, version, model, opt
+
+
+def _fresh():
+    model = make_model(seed=1)
+    return model, PISA(groups(model), **HP)
+
+
+def _corrupt(path, nan=True):
+    """Overwrite 16 bytes in the middle of the largest tensor's data inside its .distcp file (found through DCP's
+    own metadata): 0xFF… is a float32 NaN, so an unverified load gives NaN tensors. Returns the file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(path).read_metadata().storage_data
+    info = max(storage.values(), key=lambda i: i.length)
+    file = os.path.join(path, info.relative_path)
+    with open(file, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        f.write(b"\xff" * 16 if nan else b"\x3f" * 16)
+    return file
+
+
+def test_corrupted_or_missing_file_is_refused_by_name(tmp_path):
+    # corrupted bytes inside a .distcp file used to load silently (NaN momentum -> NaN weights, exit 0)
+    path, version, _, _ = _saved(tmp_path)
+    with open(os.path.join(path, checkpoint.META)) as f:
+        recorded = json.load(f)["sha256"]
+    assert sorted(recorded) == sorted(checkpoint._checkpoint_files(version))
+    assert any(name.endswith(".distcp") for name in recorded) and "extra/rank0.pt" in recorded
+    before = weights(_fresh()[0])
+    for nan in (True, False):  # NaN bytes, then finite-looking bytes that only a checksum can catch
+        shard = _corrupt(path, nan)
+        model, opt = _fresh()
+        with pytest.raises(ValueError, match=rf"{re.escape(shard)} is corrupted"):
+            checkpoint.load(path, model, opt)
+        assert all(torch.equal(w, before[n]) for n, w in weights(model).items())  # refused before any tensor
+    os.remove(os.path.join(path, "extra", "rank0.pt"))
+    with pytest.raises(ValueError, match=r"extra/rank0\.pt is missing"):
+        checkpoint.load(path, *_fresh())
+
+
+def test_unverifiable_checkpoint_with_nan_bytes_is_refused_by_key(tmp_path):
+    # a checkpoint without recorded checksums (or a writer that stored NaN): the finite check after loading names it
+    path, _, _, _ = _saved(tmp_path)
+    meta_path = os.path.join(path, checkpoint.META)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta.pop("sha256", None)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _corrupt(path)
+    with pytest.raises(ValueError, match=r"non-finite values \(inf/NaN\) in '(model|optimizer)\..+' on rank 0"):
+        checkpoint.load(path, *_fresh())
+    with open(meta_path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=re.escape(meta_path)):
+        checkpoint.load(path, *_fresh())
+
+
+@pytest.mark.parametrize("where", ["weight", "state"])
+def test_save_refuses_nonfinite_and_keeps_the_last_good_checkpoint(tmp_path, where):
+    # a NaN model used to be published as the newest checkpoint
+    path, version, model, opt = _saved(tmp_path)
+    with torch.no_grad():
+        if where == "weight":
+            model.blocks[0].weight[1, 2] = float("nan")
+            key = "model.blocks.0.weight"
+        else:
+            opt.state[model.out.weight]["dual"][0, 0] = float("inf")
+            key = "optimizer.state.out.weight.dual"
+    with pytest.raises(ValueError, match=rf"refusing to write .*non-finite values \(inf/NaN\) in '{re.escape(key)}'"):
+        checkpoint.save(path, model, opt, extra={"step": 3})
+    assert os.path.realpath(path) == os.path.realpath(version)  # still the last good one
+    assert [p for p in os.listdir(tmp_path) if p.startswith("ckpt.v-")] == [os.path.basename(version)]  # nothing new
+    assert checkpoint.load(path, *_fresh()) == {"step": 2}
