@@ -26,6 +26,13 @@ Resharding on load:
     fixed point π_j = −∇F_j(w*), so the average is minus the merged agent's gradient); step counters are copied;
   * m' > m, m divides m' (split): agent i' copies old agent i'·m/m' (its new sub-agents start from the parent's duals);
   * anything else raises ValueError.
+
+Local steps (``PISA(local_steps=H)``, a save mid-round): ``model`` holds the consensus w (the round's anchor) and each
+agent's optimizer state holds its w_i as ``local_weights`` beside π_i, v_i / b_i, the step counters and the position in
+the round (param-group keys ``local_calls``, ``round_tokens``); load puts w_i back into the parameters and w into the
+anchor, so the run continues bit-identically. Merge and split treat ``local_weights`` like π (α-weighted average /
+copy); the anchor, being the model, is shared. A checkpoint without local weights loaded into a local-steps run
+starts a round at w; local weights loaded into a ``local_steps=1`` run are ignored (it continues from w).
 """
 
 from __future__ import annotations
@@ -151,21 +158,25 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.islink(path) and not os.path.isdir(path):
         raise ValueError(f"checkpoint.save: path={path!r} exists and is not a checkpoint directory")
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    # before anything is written: a diverged model must never replace the last good checkpoint
-    _raise_if_nonfinite({"model": model_sd, "optimizer": optim_sd}, f"checkpoint.save: refusing to write {path!r}")
-    agents, agent_index, alpha = _agents(optimizer)
-    version = [f"{path}.v-{uuid.uuid4().hex[:12]}"]
-    alphas = [alpha]
-    if _dist_on():
-        dist.broadcast_object_list(version, src=0)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (agent_index, alpha))
-        alphas = [dict(gathered)[i] for i in range(agents)]
-    version = version[0]
+    local = getattr(optimizer, "local_steps", 1) > 1
+    # Local steps: the model is saved as the consensus w (the same on every agent, what export wants) and each
+    # agent's w_i as its optimizer state "local_weights" (see pisa_zero.local_steps).
+    with optimizer.consensus_weights() if local else contextlib.nullcontext():
+        model_sd, optim_sd = _state_dicts(model, optimizer)
+        # before anything is written: a diverged model must never replace the last good checkpoint
+        _raise_if_nonfinite({"model": model_sd, "optimizer": optim_sd}, f"checkpoint.save: refusing to write {path!r}")
+        agents, agent_index, alpha = _agents(optimizer)
+        version = [f"{path}.v-{uuid.uuid4().hex[:12]}"]
+        alphas = [alpha]
+        if _dist_on():
+            dist.broadcast_object_list(version, src=0)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (agent_index, alpha))
+            alphas = [dict(gathered)[i] for i in range(agents)]
+        version = version[0]
 
-    with _quiet():
-        dcp.save({"model": model_sd, f"optim_agent{agent_index}": optim_sd}, checkpoint_id=version)
+        with _quiet():
+            dcp.save({"model": model_sd, f"optim_agent{agent_index}": optim_sd}, checkpoint_id=version)
     os.makedirs(os.path.join(version, "extra"), exist_ok=True)
     torch.save(extra or {}, os.path.join(version, "extra", f"rank{_rank()}.pt"))
     _barrier()  # every rank's files are in place
@@ -173,7 +184,8 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
     sums = {f: h for share in _all_ranks(sums) for f, h in share.items()}
     if _rank() == 0:  # META last: its presence marks a complete checkpoint
         with open(os.path.join(version, META), "w") as f:
-            json.dump({"format": FORMAT, "agents": agents, "alphas": alphas, "sha256": dict(sorted(sums.items()))}, f)
+            meta = {"format": FORMAT, "agents": agents, "alphas": alphas, "local_weights": local}
+            json.dump({**meta, "sha256": dict(sorted(sums.items()))}, f)
     _barrier()
     if _rank() == 0:
         _publish(path, version)
@@ -267,6 +279,10 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
     sources = agent_mapping(meta["agents"], agents, agent_index, meta["alphas"])
 
     model_sd, optim_template = _state_dicts(model, optimizer)
+    for per_param in optim_template["state"].values():  # the anchor is the saved model (w); w_i is local_weights
+        anchor = per_param.pop("anchor", None)
+        if anchor is not None and meta.get("local_weights"):
+            per_param["local_weights"] = anchor
     merged = None
     with _quiet():
         for n, (j, weight) in enumerate(sources):  # the same number of loads on every rank (DCP is collective)
@@ -292,6 +308,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
                             _local(merged["state"][fqn][key]).add_(_local(t), alpha=weight)
     _raise_if_nonfinite({"model": model_sd, "optimizer": merged}, f"checkpoint.load: {path!r} is unusable")
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=merged)
+    if getattr(optimizer, "local_steps", 1) > 1:
+        optimizer._rounds.restore_after_load()
     extra_dir = os.path.join(path, "extra")
     mine = os.path.join(extra_dir, f"rank{_rank()}.pt")
     return torch.load(mine if os.path.exists(mine) else os.path.join(extra_dir, "rank0.pt"), weights_only=False)

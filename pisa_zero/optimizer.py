@@ -5,6 +5,7 @@ The arithmetic lives in `pisa_zero.functional`; distribution across agents in `p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
+from .local_steps import LocalRounds
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,10 @@ class PISA(torch.optim.Optimizer):
         skip_nonfinite: skip a call whose gradients contain inf/NaN (see above).
         consensus: a `pisa_zero.consensus.AgentTopology` or a ProcessGroup (every rank one agent) for mode B;
             None for mode A (host-averaged gradients).
+        local_steps: H ≥ 1 (mode B): agents take H local steps per consensus round; ``step()`` is still called
+            every step and every H-th call closes the round (`pisa_zero.local_steps`, ALGORITHM.md §6). 1 (default)
+            is the step above.
+        anchor_device: where the round's anchor w lives when H > 1: None (beside the parameter) or "cpu".
     """
 
     def __init__(
@@ -121,7 +128,15 @@ class PISA(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         skip_nonfinite: bool = True,
         consensus=None,
+        local_steps: int = 1,
+        anchor_device: str | None = None,
     ):
+        if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+            raise ValueError(f"PISA: invalid local_steps={local_steps!r}: expected an integer >= 1")
+        if local_steps > 1 and consensus is None:
+            raise ValueError(f"PISA: local_steps={local_steps} needs agents (mode B): pass consensus=")
+        if anchor_device not in LOCAL_ANCHOR_DEVICES:
+            raise ValueError(f"PISA: invalid anchor_device={anchor_device!r}: expected one of {LOCAL_ANCHOR_DEVICES}")
         if implementation is not None and implementation not in F.IMPLEMENTATIONS:
             raise ValueError(f"PISA: invalid implementation={implementation!r}: expected one of {F.IMPLEMENTATIONS}")
         if state_dtype is not None and state_dtype not in (torch.float32, torch.bfloat16):
@@ -148,6 +163,8 @@ class PISA(torch.optim.Optimizer):
 
             consensus = AgentTopology.from_group(consensus)
         self.consensus = consensus
+        self.local_steps = local_steps
+        self._rounds = LocalRounds(self, local_steps, anchor_device) if local_steps > 1 else None
         # Set by an integration whose host hands the optimizer flat partitions (DeepSpeed ZeRO): called as
         # fn(params, directions, group) -> orthogonalised directions, it does nsisa's Newton–Schulz on whole
         # matrices (see pisa_zero.integrations.deepspeed). None: flat 1-D partitions are refused.
@@ -164,6 +181,9 @@ class PISA(torch.optim.Optimizer):
         if group["lr"] is None:
             group["lr"] = 1.0 / (group["sigma"] + group["rho"])
         group.setdefault("lr_ref", group["lr"])
+        if self._rounds is not None:  # the position in the round, saved with the param groups
+            group.setdefault("local_calls", 0)
+            group.setdefault("round_tokens", 0.0)
         self._known_params.update(id(p) for p in group["params"])
 
     @staticmethod
@@ -208,6 +228,25 @@ class PISA(torch.optim.Optimizer):
         for group in self.param_groups:
             self._known_params.update(id(p) for p in group["params"])
 
+    def consensus_weights(self):
+        """Context manager: inside it the parameters hold the consensus w (for evaluation and export) without
+        breaking a local-step round; w_i is put back on exit. With ``local_steps=1`` the parameters are w already."""
+        return contextlib.nullcontext() if self._rounds is None else self._rounds.consensus_weights()
+
+    @property
+    def round_position(self) -> int:
+        """Calls already taken in the current round (0 … H−1); always 0 with ``local_steps=1``."""
+        return self.rounds_and_position()[1]
+
+    @property
+    def rounds_completed(self) -> int:
+        """Consensus rounds completed with ``local_steps > 1`` (0 with ``local_steps=1``, which keeps no count)."""
+        return self.rounds_and_position()[0]
+
+    def rounds_and_position(self) -> tuple[int, int]:
+        calls = max((g.get("local_calls", 0) for g in self.param_groups), default=0)
+        return divmod(calls, self.local_steps)
+
     def set_local_batch_size(self, n: float) -> None:
         """Mode B: this rank's sample/token count, from which the agent weights α are computed (see
         `pisa_zero.consensus.AgentTopology.set_local_batch_size`). Ignored in mode A."""
@@ -231,6 +270,8 @@ class PISA(torch.optim.Optimizer):
                     state["second_moment"] = torch.zeros_like(p, dtype=dtype)
                 elif preconditioner == "nsisa":
                     state["momentum"] = torch.zeros_like(p, dtype=dtype)
+            if self._rounds is not None:
+                state["anchor"] = self._rounds.new_anchor(p)
         return state
 
     @torch.no_grad()
@@ -267,6 +308,9 @@ class PISA(torch.optim.Optimizer):
         ]
         active = [(group, params) for group, params in active if params]
         if not active:
+            return loss
+        if self._rounds is not None:  # H local steps per round (pisa_zero.local_steps)
+            self._rounds.step(active)
             return loss
         if self.consensus is not None:  # mode B: α and the skip decision are agreed by all ranks (one all-reduce)
             grads = [_local(p.grad) for _, params in active for p in params]
@@ -347,7 +391,7 @@ class PISA(torch.optim.Optimizer):
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        if self.consensus is not None:  # mode B: AdamW runs on the α-averaged gradient, identically on every agent
+        if self.consensus is not None and self._rounds is None:  # mode B: AdamW on the α-averaged gradient
             self.consensus.reduce_gradients([_local(p.grad) for p in params])
         for p in params:
             state = self._state_for(p, "adamw")
