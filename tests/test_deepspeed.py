@@ -405,11 +405,14 @@ def test_mode_b_agents_under_deepspeed():
                                "agents": 2, "steps": 6, "via_json": True, "ckpt_dir": os.path.join(tmp, "ck")}),
             ("auto", "mode_b", {"cfg": C.ds_config(2, 2, params=dict(NSISA, agents=2)), "agents": 2, "steps": 4,
                                 "via_json": True}),
+            # local steps (H = 2): rounds close at calls 2, 4, 6; the checkpoint at call 3 is mid-round
+            ("z2local", "mode_b", {"cfg": C.ds_config(2, 2, params=dict(sisa, agents=2, local_steps=2)), "agents": 2,
+                                   "steps": 6, "via_json": True, "ckpt_dir": os.path.join(tmp, "ckl")}),
         ]  # fmt: skip
         res = run_distributed(_many, 4, jobs, timeout=400)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name, params in (("z2", sisa), ("z3n", nsisa)):
+    for name, params in (("z2", sisa), ("z3n", nsisa), ("z2local", dict(sisa, local_steps=2))):
         w = [r[name]["weights"] for r in res]
         assert all(all(torch.equal(w[i][n], w[0][n]) for n in w[0]) for i in range(4)), name
         assert (res[0][name]["dp"], res[0][name]["mp"]) == (2, 2)
@@ -418,8 +421,13 @@ def test_mode_b_agents_under_deepspeed():
             r32 = _mode_b_reference(2, 2, 6, params, torch.float32)
         err, roundoff = C.rel_err(w[0], r64), C.rel_err(r32, r64)
         assert err <= max(2e-6, 3 * roundoff), (name, err, roundoff)
-    r = res[0]["z3n"]
-    assert all(torch.equal(r["weights"][n], r["resumed"][n]) for n in r["weights"])
+    for name in ("z3n", "z2local"):  # z2local: saved mid-round, resumed bit-identically
+        r = res[0][name]
+        assert all(torch.equal(r["weights"][n], r["resumed"][n]) for n in r["weights"]), name
+    # local steps: inside a round (calls 1, 3) no collective leaves the agent; the round's call 2 has them
+    for r in res:
+        calls = r["z2local"]["cross_agent_calls"]
+        assert calls[0] == 0 and calls[2] == 0 and calls[1] > 0, calls
     # NSISA + auxiliary AdamW ("auto" groups) in mode B: AdamW's gradients are averaged across agents, every rank
     # ends with the same weights (no float64 reference has the AdamW group).
     w = [x["auto"]["weights"] for x in res]

@@ -129,7 +129,8 @@ def _weights(model):
 class CrossAgentCalls:
     """Counts collectives whose group reaches beyond this rank's agent, made inside ``optimizer.step()``."""
 
-    NAMES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single")
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor")
+    NAMES += ("all_gather_single", "all_to_all_single", "all_gather", "broadcast")
 
     def __init__(self, agent_ranks):
         self.agent_ranks = set(agent_ranks)
@@ -138,6 +139,8 @@ class CrossAgentCalls:
 
     def __enter__(self):
         for name in self.NAMES:
+            if not hasattr(dist, name):
+                continue
             original = self.originals[name] = getattr(dist, name)
 
             def wrapper(*args, _original=original, **kwargs):
@@ -447,3 +450,14 @@ def test_mid_round_checkpoint_reshards(runs):
     _identical(two, "resharded")
     args = (STEPS, H, SIZES4, True, kinds_of("nsisa"), NS_HP)
     assert max_rel_err(two[0]["resharded"], four[0]["fsdp_2x2_nsisa"]) <= max(TOL, roundoff_tol(*args, adamw=ADAMW))
+
+
+def test_deepspeed_json_local_steps_validated():
+    import pisa_zero.deepspeed as pds
+
+    assert pds.parse_pisa_params({"local_steps": 4, "agents": 2}).kwargs["local_steps"] == 4
+    with pytest.raises(ValueError, match="local_steps=0"):
+        pds.parse_pisa_params({"local_steps": 0, "agents": 2})
+    cfg = {"train_batch_size": 2, "optimizer": {"type": "PISA", "params": {"local_steps": 4}}}
+    with pytest.raises(ValueError, match="optimizer.params.local_steps=4 needs agents"):
+        pds.initialize(model=torch.nn.Linear(2, 2), config=cfg)

@@ -113,15 +113,21 @@ def unhooked_nsisa(rank, world, cfg):
     return None
 
 
-def _agent_train(engine, steps: int, start: int = 0) -> None:
-    """Each agent trains on its own data: agent a's batch at step t is batch(t·m + a), split over its k ranks."""
+def _agent_train(engine, steps: int, start: int = 0, cross: list | None = None) -> None:
+    """Each agent trains on its own data: agent a's batch at step t is batch(t·m + a), split over its k ranks.
+    ``cross``: appended with the number of collectives reaching beyond this rank's agent inside each engine.step()."""
     topo = engine.basic_optimizer.consensus
     m, k = topo.agents, topo.shard_size
     for step in range(start, start + steps):
         x = C.batch(step * m + topo.agent_index, C.MICRO * k)
         xb = x[topo.shard_index * C.MICRO : (topo.shard_index + 1) * C.MICRO].to(engine.device)
         engine.backward(engine(xb, labels=xb).loss)
-        engine.step()
+        if cross is None:
+            engine.step()
+            continue
+        with C.CrossAgentCalls(range(topo.agent_index * k, (topo.agent_index + 1) * k)) as counter:
+            engine.step()
+        cross.append(counter.calls)
 
 
 def mode_b(rank, world, cfg, agents, steps, via_json=False, ckpt_dir=None):
@@ -141,7 +147,8 @@ def mode_b(rank, world, cfg, agents, steps, via_json=False, ckpt_dir=None):
         _agent_train(engine, steps)
         return {"weights": C.consensus_weights(engine), "dp": engine.dp_world_size, "mp": engine.mp_world_size}
     half = steps // 2
-    _agent_train(engine, half)
+    cross = []
+    _agent_train(engine, half, cross=cross)
     engine.save_checkpoint(ckpt_dir, tag="b")
     _agent_train(engine, steps - half, start=half)
     run_a = C.consensus_weights(engine)
@@ -149,4 +156,5 @@ def mode_b(rank, world, cfg, agents, steps, via_json=False, ckpt_dir=None):
     engine.load_checkpoint(ckpt_dir, tag="b")
     _agent_train(engine, steps - half, start=half)
     run_b = C.consensus_weights(engine)
-    return {"weights": run_a, "resumed": run_b, "dp": engine.dp_world_size, "mp": engine.mp_world_size}
+    out = {"weights": run_a, "resumed": run_b, "dp": engine.dp_world_size, "mp": engine.mp_world_size}
+    return {**out, "cross_agent_calls": cross}

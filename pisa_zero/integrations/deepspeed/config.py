@@ -137,7 +137,13 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
     if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:
         raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.agents={agents!r}: expected an integer >= 1")
     spec = PISASpec(kwargs, auto, matrix, other, other_options, agents)
-    # Validation by PISA itself, on dummies: the message names the key and the value.
+    # Validation by PISA itself, on dummies: the message names the key and the value. (local_steps > 1 needs agents:
+    # a one-agent dummy topology here; initialize() checks that the run has agents.)
+    dummy = {}
+    if kwargs.get("local_steps", 1) != 1:
+        from ...consensus import AgentTopology
+
+        dummy["consensus"] = AgentTopology(None)
     try:
         if auto:
             PISA(
@@ -146,9 +152,10 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
                     {"params": [torch.zeros(2)], "preconditioner": other, **other_options},
                 ],
                 **kwargs,
+                **dummy,
             )
         else:
-            PISA([torch.zeros(2, 2)], **kwargs)
+            PISA([torch.zeros(2, 2)], **kwargs, **dummy)
     except (ValueError, TypeError) as e:
         raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params: {e}") from e
     return spec
@@ -172,6 +179,11 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
         raise ValueError(f"pisa_zero.deepspeed: invalid zero_optimization.stage={stage!r}")
     config.setdefault("zero_allow_untested_optimizer", True)
     offload = _offload_device(config)
+    if spec.kwargs.get("local_steps", 1) > 1 and stage in (1, 2) and offload == "none":
+        # ZeRO-1/2 all-reduce a gradient norm every step over their "model-parallel" group, i.e. across agents in
+        # mode B; with local steps nothing may cross agents between rounds (the norm only serves clipping, refused
+        # in mode B). ZeRO-3 and offload keep that 4-byte all-reduce (docs/deepspeed.md).
+        zero.setdefault("compute_grad_norm", False)
     if offload != "none":
         config.setdefault("zero_force_ds_cpu_optimizer", False)
         if zero.get("offload_optimizer", {}).get("ratio", 1.0) != 1.0:

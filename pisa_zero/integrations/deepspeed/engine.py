@@ -71,6 +71,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         raise ValueError("pisa_zero.deepspeed: initialize requires a model")
     spec = parse_pisa_params(cfg["optimizer"].get("params"))
     cfg = prepare_config(cfg, spec)
+    local_steps = spec.kwargs.get("local_steps", 1)
+    if local_steps > 1 and topology is None and spec.agents == 1:
+        raise ValueError(
+            f"pisa_zero.deepspeed: optimizer.params.local_steps={local_steps} needs agents (mode B): set "
+            "optimizer.params.agents > 1 or pass topology="
+        )
     if topology is not None or spec.agents > 1:
         if kwargs.get("mpu") is not None:
             raise ValueError("pisa_zero.deepspeed: mode B (topology= / optimizer.params.agents) replaces mpu=")
