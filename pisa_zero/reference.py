@@ -36,6 +36,11 @@ above:
 - ``dual_damping=True``: the authors' damped dual, π_i ← α_i π_i after the round's dual ascent.
 - ``outer_lr``, ``outer_momentum``: a Nesterov outer step on the consensus displacement Δ = w_new − w (DiLoCo's
   outer optimizer): M ← μ M + Δ;  w ← w + lr_o (Δ + μ M).
+- ``centred_dual=True``: the duals keep only their drift-correcting part. The consensus is the average of the
+  local points, w ← σ_p Σ_i α_i w_i / (σ_p + λ), and then π_i ← π_i + σ_p (w_i − w) with the NEW w, so that
+  Σ_i α_i π_i stays 0 (λ = 0): π_i → −(s_i − Σ_j α_j s_j), the correction of SCAFFOLD, while the mean motion is
+  the agents' H sequential steps (FedAvg's) instead of the ADMM consensus's one step of Ō/σ_p per round.
+  Same bytes (one all-reduce of w_i per round). Not the §2 step at H = 1.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class ReferencePISA:
         dual_damping: bool = False,
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
+        centred_dual: bool = False,
         dtype: torch.dtype = torch.float64,
     ):
         self.w = [t.detach().to(dtype).clone() for t in weights]
@@ -119,6 +125,7 @@ class ReferencePISA:
         self.adamw_lr, self.betas = adamw_lr, betas
         self.H, self.dual_damping = local_steps, dual_damping
         self.outer_lr, self.outer_mu = outer_lr, outer_momentum
+        self.centred_dual = centred_dual
         zeros = lambda: [torch.zeros_like(t) for t in self.w]  # noqa: E731
         self.local = [[t.clone() for t in self.w] for _ in range(agents)]
         self.pi = [zeros() for _ in range(agents)]
@@ -202,11 +209,17 @@ class ReferencePISA:
                 if kind == "adamw":
                     total += alphas[i] * self.local[i][k]
                     continue
+                if self.centred_dual:
+                    total += alphas[i] * sigma_p * self.local[i][k]
+                    continue
                 self.pi[i][k] = self.pi[i][k] + sigma_p * (self.local[i][k] - self.w[k])
                 total += alphas[i] * (sigma_p * self.local[i][k] + self.pi[i][k])
                 if self.dual_damping:
                     self.pi[i][k] = alphas[i] * self.pi[i][k]
             new_w.append(total if kind == "adamw" else total / (sigma_p + self.lam))
+            if self.centred_dual and kind != "adamw":
+                for i in range(self.m):
+                    self.pi[i][k] = self.pi[i][k] + sigma_p * (self.local[i][k] - new_w[k])
         if self.outer_lr != 1.0 or self.outer_mu != 0.0:
             for k, target in enumerate(new_w):
                 delta = target - self.w[k]

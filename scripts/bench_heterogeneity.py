@@ -15,6 +15,8 @@ Methods (``--methods``)
                 distributed ``PISA(..., local_steps=H)`` is tested against). digits: SISA on every tensor;
                 text: NSISA on block matrices + auxiliary AdamW (lr 3e-3) on the rest. H = 1 is today's mode B.
     pisa-prox   the same with ``prox_sigma = c·σ/H`` (proximal term, dual and consensus on a per-round scale).
+    pisa-centred  pisa-prox with ``centred_dual=True``: the consensus averages the local points and the duals keep
+                only their drift correction (Σα π = 0), SCAFFOLD-like, same bytes.
     fedavg      every agent runs its inner optimizer (Muon + AdamW on the rest, or AdamW) for H steps from the
                 consensus; the round averages the weights. Inner state stays with its agent.
     diloco      DiLoCo (Douillard et al. 2023): the same inner steps; the outer gradient Δ = w − mean_i w_i feeds
@@ -204,11 +206,13 @@ def run_one(spec: dict) -> dict:
         load_weights(task, weights)
         curve.append({"step": step, "round": step // H, **task.evaluate(task.model)})
 
-    if method in ("pisa", "pisa-prox"):
+    if method.startswith("pisa"):
         kinds = ["nsisa" if is_m else "adamw" for is_m in task.matrix] if spec["task"] == "text" else "sisa"
         options = dict(sigma=spec["sigma"], rho=spec["rho"], lr=1.0, adamw_lr=AUX_ADAMW_LR, betas=BETAS)
-        if method == "pisa-prox":
+        if method in ("pisa-prox", "pisa-centred"):
             options["prox_sigma"] = spec["prox"] * spec["sigma"] / H
+        if method == "pisa-centred":
+            options["centred_dual"] = True
         options.update({k: spec[k] for k in ("dual_damping", "outer_lr", "outer_momentum") if k in spec})
         ref = ReferencePISA(w0, m, preconditioner=kinds, local_steps=H, dtype=torch.float32, **options)
         for step in range(1, total + 1):
@@ -261,14 +265,15 @@ def run_one(spec: dict) -> dict:
 # Each method's tuning grid (equal size per method and H): the hyper-parameters that vary, everything else fixed.
 GRIDS = {
     "digits": {
-        ("sync", "adamw"): [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2)],
-        ("sync", "muon"): [dict(lr=lr) for lr in (0.01, 0.03, 0.1)],
-        ("fedavg", "adamw"): [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2)],
-        ("fedavg", "muon"): [dict(lr=lr) for lr in (0.01, 0.03, 0.1)],
-        ("diloco", "adamw"): [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2)],
-        ("diloco", "muon"): [dict(lr=lr) for lr in (0.01, 0.03, 0.1)],
-        ("pisa", None): [dict(sigma=s, rho=100.0) for s in (0.1, 1.0, 10.0)],
+        ("sync", "adamw"): [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2)],
+        ("sync", "muon"): [dict(lr=lr) for lr in (0.03, 0.1, 0.3)],
+        ("fedavg", "adamw"): [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2)],
+        ("fedavg", "muon"): [dict(lr=lr) for lr in (0.03, 0.1, 0.3)],
+        ("diloco", "adamw"): [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2)],
+        ("diloco", "muon"): [dict(lr=lr) for lr in (0.03, 0.1, 0.3)],
+        ("pisa", None): [dict(sigma=s, rho=100.0) for s in (0.03, 0.1, 0.3)],
         ("pisa-prox", None): [dict(sigma=s, rho=100.0, prox=1.0) for s in (0.1, 0.3, 1.0)],
+        ("pisa-centred", None): [dict(sigma=s, rho=100.0, prox=1.0) for s in (0.1, 0.3, 1.0)],
     },
     "text": {
         ("sync", "adamw"): [dict(lr=lr) for lr in (1e-3, 3e-3)],
@@ -277,17 +282,17 @@ GRIDS = {
         ("fedavg", "muon"): [dict(lr=lr) for lr in (0.01, 0.03)],
         ("diloco", "adamw"): [dict(lr=lr) for lr in (1e-3, 3e-3)],
         ("diloco", "muon"): [dict(lr=lr) for lr in (0.01, 0.03)],
-        ("pisa", None): [dict(sigma=s, rho=100.0) for s in (30.0, 10.0, 3.0, 1.0)],  # two per H, see below
         ("pisa-prox", None): [dict(sigma=30.0, rho=100.0, prox=c) for c in (0.5, 1.0)],
+        ("pisa-centred", None): [dict(sigma=30.0, rho=100.0, prox=c) for c in (0.5, 1.0)],
     },
 }
-# The plain update's σ must shrink with H (the issue's measurements): its two grid points per H.
+# Text, plain update: its σ must shrink with H (the issue's measurements), so its two grid points depend on H.
 TEXT_PISA_SIGMAS = {1: (30.0, 10.0), 4: (10.0, 3.0), 16: (3.0, 1.0), 64: (1.0, 0.3)}
 LOCAL_STEPS = {"digits": (1, 4, 16, 64), "text": (1, 4, 16, 64)}
 BASELINE_LOCAL_STEPS = {"digits": (4, 16, 64), "text": (16, 64)}
 SETTINGS = {
     "digits": dict(steps=256, batch_size=32, eval_every=16),
-    "text": dict(steps=256, batch_size=4, eval_every=16),
+    "text": dict(steps=128, batch_size=4, eval_every=16),
 }
 
 
@@ -311,12 +316,15 @@ def grid(task: str, method: str, inner: str | None, H: int) -> list[dict]:
 
 
 def configurations(task: str) -> list[tuple[str, str | None, int]]:
-    """(method, inner optimizer, H) of the study: the every-step references first, then by H, the target's first."""
-    out = [("sync", inner, 1) for inner in ("adamw", "muon")] + [("pisa", None, 1)]
+    """(method, inner optimizer, H) of the study, in the order they run: the issue's target (H = 16, 64) first."""
+    out = [("sync", "muon", 1), ("sync", "adamw", 1)]
     for H in sorted(set(LOCAL_STEPS[task]) - {1}, key=lambda H: (H not in (16, 64), H)):
-        out += [("pisa", None, H), ("pisa-prox", None, H)]
+        out += [("pisa-centred", None, H), ("pisa-prox", None, H)]
         if H in BASELINE_LOCAL_STEPS[task]:
-            out += [(m, inner, H) for m in ("fedavg", "diloco") for inner in ("muon", "adamw")]
+            out += [(m, inner, H) for inner in ("muon", "adamw") for m in ("fedavg", "diloco")]
+        out += [("pisa", None, H)]
+        if H == 16:
+            out += [("pisa", None, 1)]
     return out
 
 
@@ -409,6 +417,7 @@ LABELS = {
     ("sync", "muon"): "Muon, gradients averaged every step",
     ("pisa", None): "PISA local steps (the issue's plain update)",
     ("pisa-prox", None): "PISA local steps, prox_sigma = c·σ/H",
+    ("pisa-centred", None): "PISA local steps, centred dual, prox_sigma = c·σ/H",
     ("fedavg", "muon"): "FedAvg, Muon inner",
     ("fedavg", "adamw"): "FedAvg, AdamW inner",
     ("diloco", "muon"): "DiLoCo, Muon inner",
@@ -487,7 +496,7 @@ def target_lines(rows: list[dict]) -> list[str]:
     sync_name = "PISA mode B every step" if best_sync["method"] == "pisa" else sync_name
     lines = []
     for H in (16, 64):
-        for method in ("pisa-prox", "pisa"):
+        for method in ("pisa-centred", "pisa-prox", "pisa"):
             mine = find(rows, method, None, H)
             if mine is None:
                 continue
@@ -557,6 +566,7 @@ def plot(sections: dict, path: Path) -> None:
         ("sync", "muon"): "black",
         ("pisa", None): "tab:orange",
         ("pisa-prox", None): "tab:red",
+        ("pisa-centred", None): "tab:purple",
         ("fedavg", "muon"): "tab:blue",
         ("fedavg", "adamw"): "tab:cyan",
         ("diloco", "muon"): "tab:green",

@@ -118,6 +118,23 @@ def test_variants_by_hand():
     assert [ref.pi[i][0].item() for i in range(2)] == [0.15625, 0.46875]
 
 
+def test_centred_dual_by_hand():
+    # The consensus averages the local points; π_i then moves by σ(w_i − w_new), so Σ π_i stays 0.
+    ref = ReferencePISA(
+        [torch.zeros(())], 2, sigma=1.0, rho=1.0, preconditioner="identity", local_steps=2, centred_dual=True
+    )
+    fns = quadratic_agents([1.0, 3.0])
+    ref.step(fns)
+    ref.step(fns)  # local points 0.5 and 1.5 as in the plain round; w = 1; π = (−0.5, 0.5)
+    assert ref.w[0].item() == 1.0
+    assert [ref.pi[i][0].item() for i in range(2)] == [-0.5, 0.5]
+    ref.step(fns)  # from w = 1: h = 0 − 0.5 → w_1 = 1.25;  h = −2 + 0.5 → w_2 = 1.75
+    assert [ref.local[i][0].item() for i in range(2)] == [1.25, 1.75]
+    ref.step(fns)  # h = 0.25 − 0.5 + 0.25 = 0 and −1.25 + 0.5 + 0.75 = 0: both stay; w = 1.5
+    assert ref.w[0].item() == 1.5
+    assert [ref.pi[i][0].item() for i in range(2)] == [-0.75, 0.75]  # → −(∇F_i(w*) − mean) = (−1, 1)
+
+
 def test_adamw_tensors_against_torch():
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(5, 3, generator=gen, dtype=torch.float64)
