@@ -105,17 +105,28 @@ def _no_shim_body(rank, world):
     }
     groups = pisa_param_groups([model], config, overrides, other_preconditioner="adamw", other_options={"eps": 1e-6})
     names = {id(p): n for n, p in model.named_parameters()}
-    out["param_groups"] = [
-        {
-            "preconditioner": g["preconditioner"],
-            "wd_mult": g["wd_mult"],
-            "lr": g["lr"],
-            "weight_decay": g["weight_decay"],
-            "eps": g.get("eps"),
-            "names": sorted(names[id(p)] for p in g["params"]),
-        }
-        for g in groups
-    ]
+
+    def summary(groups):
+        return [
+            {
+                "preconditioner": g["preconditioner"],
+                "wd_mult": g["wd_mult"],
+                "lr": g["lr"],
+                "schedule": (g["max_lr"], g["min_lr"]),
+                "weight_decay": g["weight_decay"],
+                "eps": g.get("eps"),
+                "names": sorted(names[id(p)] for p in g["params"]),
+            }
+            for g in groups
+        ]
+
+    out["param_groups"] = summary(groups)
+    aux = pisa_param_groups([model], _opt_config(), None, other_preconditioner="adamw", other_options={"lr": 2e-3})
+    out["aux_lr_groups"] = summary(aux)
+    try:
+        pisa_param_groups([model], config, overrides, other_preconditioner="adamw", other_options={"lr": 2e-3})
+    except ValueError as e:
+        out["aux_lr_conflict"] = str(e)
     out["n_params"] = len(names)
     return out
 
@@ -150,11 +161,20 @@ def test_megatron_pisa_param_groups_from_config_overrides(no_shim):
         else:
             assert g["preconditioner"] == "adamw" and g["eps"] == 1e-6 and not matrices
     by_name = {n: g for g in groups for n in g["names"]}
-    assert by_name["embedding.word_embeddings.weight"]["lr"] == 5e-4  # decoupled lr (embedding/output)
+    assert by_name["embedding.word_embeddings.weight"]["schedule"] == (5e-4, 1e-4)  # decoupled lr (embedding/output)
     bias = next(n for n in by_name if n.endswith("linear_qkv.bias"))
     assert by_name[bias]["wd_mult"] == 0.0 and by_name[bias]["weight_decay"] == 0.0
     norm = next(n for n in by_name if "layer_norm_weight" in n or "layernorm" in n)
     assert by_name[norm]["preconditioner"] == "adamw"
+
+
+def test_megatron_aux_adamw_lr_moves_megatrons_schedule(no_shim):
+    # the scheduler sets lr from max_lr/min_lr each step: an aux lr that only set 'lr' would be silently undone
+    by_name = {n: g for g in no_shim[0]["aux_lr_groups"] for n in g["names"]}
+    assert by_name["decoder.final_layernorm.weight"]["schedule"] == (2e-3, pytest.approx(2e-4))
+    assert by_name["decoder.final_layernorm.weight"]["lr"] == 2e-3
+    assert by_name["decoder.layers.0.mlp.linear_fc1.weight"]["schedule"] == (1e-3, 1e-4)
+    assert "decoupled_lr" in no_shim[0]["aux_lr_conflict"]  # two lr sources for one parameter: refused
 
 
 @pytest.mark.parametrize(
@@ -462,7 +482,8 @@ def _launch_body(rank, world, tmp):
         "2",
         "--no-progress",
     ]
-    uninterrupted = script.main([*common, "--train-iters", "4", "--tensorboard-dir", os.path.join(tmp, "tb")])
+    board = ["--tensorboard-dir", os.path.join(tmp, "tb"), "--pisa-diagnostics-interval", "2"]
+    uninterrupted = script.main([*common, "--train-iters", "4", *board])
     first = script.main([*common, "--train-iters", "2", "--save", os.path.join(tmp, "ckpt")])
     resumed = script.main(
         [*common, "--train-iters", "4", "--load", os.path.join(tmp, "ckpt"), "--save", os.path.join(tmp, "ckpt")]
@@ -515,4 +536,5 @@ def test_megatron_launch_script_writes_tensorboard_scalars(launch_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_step", "val/loss"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert {"pisa/sisa/primal_residual", "pisa/sisa/dual_norm", "pisa/adamw/update_rms"} <= tags
     assert events.Scalars("train/lr")[0].value == 0.0  # warmup starts at lr 0 (PISA leaves everything as is)

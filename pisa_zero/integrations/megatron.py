@@ -158,6 +158,15 @@ def pisa_param_groups(
             }
             if precond == "adamw":
                 new.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+            options = dict(options)
+            if "lr" in options:  # Megatron's scheduler sets lr from max_lr/min_lr: move the whole schedule
+                lr = options.pop("lr")
+                if params and group["max_lr"] != config.lr:
+                    raise ValueError(
+                        f"pisa_zero.megatron: other_options lr={lr} and a Megatron lr override (max_lr="
+                        f"{group['max_lr']}, e.g. decoupled_lr) both set the lr of the same parameters; use one"
+                    )
+                new.update(lr=lr, max_lr=lr, min_lr=group["min_lr"] * lr / group["max_lr"], default_config=False)
             new.update(options)
             groups.append(new)
     return groups
@@ -479,7 +488,8 @@ def get_pisa_optimizer(
         preconditioner: PISA preconditioner of the transformer block matrices ('sisa', 'adagrad', 'identity').
         other_preconditioner: of embeddings, output layer, norms and biases ('adamw' for the auxiliary AdamW);
             None: the same as ``preconditioner``.
-        other_options: per-group overrides for those ('lr', 'betas', 'eps', 'sigma', 'rho', 'beta2', 'l2_lambda').
+        other_options: per-group overrides for those ('lr', 'betas', 'eps', 'sigma', 'rho', 'beta2', 'l2_lambda');
+            'lr' becomes the groups' peak lr (``max_lr``, with ``min_lr`` scaled alike) for Megatron's scheduler.
         **pisa_kwargs: PISA options (:data:`PISA_KEYS`: sigma, rho, beta2, eps, l2_lambda, implementation, ...).
     """
     from megatron.core.optimizer import ChainedOptimizer
