@@ -10,6 +10,9 @@ on the steps it is asked to (a copy of the local w and π is taken just before s
 - ``pisa/<group>/consensus_disagreement``  mode B only: √(Σ_i ‖d_i − d̄‖² / m), how far the agents' local
   solutions w_i = w − d_i spread around their mean (needs one parameter-sized all-reduce over the agent group)
 - ``pisa/<group>/sigma``, ``rho``   σ and ρ in effect at the group's current lr
+- local steps (``local_steps=H``): ``pisa/<group>/consensus_gap`` ‖w_i − w‖/‖w‖ at the round ends since the last
+  measure (root-mean-square over agents; w the new consensus), ``pisa/rounds`` (rounds completed) and
+  ``pisa/cross_agent_bytes_per_step`` (consensus bytes this rank sent across agents per step since the last measure)
 
 Every quantity is a sum of squares over the tensors this rank holds — whole tensors, FSDP2 DTensor local shards or
 DeepSpeed flat partitions — all-reduced once over the process group. With m agents each agent holds its own π_i and
@@ -104,6 +107,7 @@ class Diagnostics:
         self.agent_group = agent_group if agent_group is not None else getattr(topology, "agent_group", None)
         self.group = group
         self._before: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._bytes_mark = (0.0, 0)  # local steps: (cross-agent bytes sent, calls) at the last measure()
 
     def _groups_by_param(self) -> dict[int, dict]:
         return {id(p): g for g in self.pisa.param_groups for p in g["params"]}
@@ -163,6 +167,11 @@ class Diagnostics:
                     mean_d /= self.agents
                     rows.append((label, "spread", _sumsq(d - mean_d)))
         self._before = {}
+        rounds = self.pisa._rounds  # local steps: ‖w_i − w‖² and ‖w‖² summed at the round ends since the last call
+        if rounds is not None:
+            for label, (gap, norm) in sorted(rounds.take_gap_sums().items()):
+                rows.append((label, "gap", torch.tensor(gap, dtype=torch.float64)))
+                rows.append((label, "gap_norm", torch.tensor(norm, dtype=torch.float64)))
         keys = sorted({(label, q) for label, q, _ in rows})
         index = {k: i for i, k in enumerate(keys)}
         local = torch.zeros(len(keys), dtype=torch.float64)
@@ -190,6 +199,15 @@ class Diagnostics:
                     out[f"{prefix}/primal_residual"] = math.sqrt(value[(label, "d")])
                 if (label, "spread") in value:
                     out[f"{prefix}/consensus_disagreement"] = math.sqrt(value[(label, "spread")])
+            if value.get((label, "gap_norm"), 0.0) > 0:
+                out[f"{prefix}/consensus_gap"] = math.sqrt(value[(label, "gap")] / value[(label, "gap_norm")])
+        if rounds is not None:
+            out["pisa/rounds"] = float(self.pisa.rounds_completed)
+            calls = max(g["local_calls"] for g in self.pisa.param_groups)
+            sent, since = rounds.cross_agent_bytes - self._bytes_mark[0], calls - self._bytes_mark[1]
+            if since > 0:
+                out["pisa/cross_agent_bytes_per_step"] = sent / since
+            self._bytes_mark = (rounds.cross_agent_bytes, calls)
         return out
 
     def _sigma(self, group: dict) -> float:

@@ -6,6 +6,8 @@ Runs a tiny transformers GPT-2 (built from a config, random tokens) on CPU gloo 
 - ``A-sisa`` / ``A-nsisa``: PISA mode A, ``fully_shard`` over all ranks (sisa everywhere / nsisa on block matrices +
   auxiliary AdamW, the LM default);
 - ``B-sisa`` / ``B-nsisa``: PISA mode B, ``agents`` × ``world/agents`` mesh, FSDP on the shard sub-mesh + consensus;
+- ``BH-sisa`` / ``BH-nsisa``: mode B with ``--local-steps H`` local steps per consensus round (ALGORITHM.md §6):
+  bytes are averaged over whole rounds (one round of warm-up, then ⌈steps/H⌉ rounds);
 - ``hsdp-adamw``: ``fully_shard`` on the same 2-D mesh as (replicate, shard) with ``torch.optim.AdamW`` (foreach);
   the loop calls ``pisa_zero.grads_are_finite`` before each step, as ``engine/train.py`` does for every optimizer
   (PISA's modes agree on that skip inside ``step()`` with the same 4-byte all-reduce).
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import threading
 
-MODES = ("A-sisa", "A-nsisa", "B-sisa", "B-nsisa", "hsdp-adamw")
+MODES = ("A-sisa", "A-nsisa", "B-sisa", "B-nsisa", "BH-sisa", "BH-nsisa", "hsdp-adamw")
 
 
 def parse_args(argv=None):
@@ -46,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--agents", type=int, default=2, help="agents m of mode B = replicas of HSDP (2); k = world/m")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step (3)")
+    p.add_argument("--local-steps", type=int, default=4, help="H of the BH-* modes: local steps per round (4)")
     p.add_argument("--layers", type=int, default=2, help="GPT-2 layers (2)")
     p.add_argument("--d-model", type=int, default=128, help="GPT-2 width n_embd (128)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (4)")
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     bad = [m for m in args.modes.split(",") if m not in MODES]
     if bad:
         p.error(f"--modes: unknown {bad}; choose from {MODES}")
+    if args.local_steps < 1:
+        p.error(f"--local-steps={args.local_steps} must be >= 1")
     if args.world < 1 or args.agents < 1 or args.world % args.agents:
         p.error(f"--agents={args.agents} must divide --world={args.world}")
     return args
@@ -210,11 +215,12 @@ def run_mode(mode, args, counter):
         n_params = sum(p.numel() for p in model.parameters())
         hp = dict(sigma=10.0, rho=100.0, implementation="foreach")
         agent = 0
+        local_steps = args.local_steps if mode.startswith("BH") else 1
         if mode.startswith("A") or mode.startswith("B"):
             topo = AgentTopology.build(agents=args.agents) if mode.startswith("B") else None
             agent = topo.agent_index if topo is not None else 0
             groups = pisa_zero.param_groups(model) if mode.endswith("nsisa") else None
-            model, opt = prepare(model, topo, groups=groups, **hp)
+            model, opt = prepare(model, topo, groups=groups, local_steps=local_steps, **hp)
             opt.consensus.bucket_elements = args.bucket_elements
             finite_check = None  # agreed inside PISA.step (one 4-byte all-reduce)
         else:
@@ -231,10 +237,12 @@ def run_mode(mode, args, counter):
         k = world if mode.startswith("A") else world // args.agents
         counter.shard_ranks = set(range(rank // k * k, rank // k * k + k))
         gen = torch.Generator().manual_seed(1000 + rank)
-        for step in range(1 + args.steps):
-            if step == 1:
+        warmup = local_steps  # whole rounds: one of warm-up, then the measured ones
+        measured = -(-args.steps // local_steps) * local_steps
+        for step in range(warmup + measured):
+            if step == warmup:
                 counter.reset()
-            with torch.profiler.record_function("measured_step" if step else "warmup_step"):
+            with torch.profiler.record_function("measured_step" if step >= warmup else "warmup_step"):
                 x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
                 with torch.profiler.record_function("forward_backward"):
                     loss = model(input_ids=x, labels=x).loss
@@ -249,8 +257,8 @@ def run_mode(mode, args, counter):
         with open(trace) as f:
             events = json.load(f)["traceEvents"]
     peak, step_peak, opt_peak = live_bytes_peaks(events)
-    per_step = {k: v / args.steps for k, v in counter.bytes.items()}
-    calls = {k: v / args.steps for k, v in counter.calls.items()}
+    per_step = {k: v / measured for k, v in counter.bytes.items()}
+    calls = {k: v / measured for k, v in counter.calls.items()}
     del model, opt
     return {
         "mode": mode,

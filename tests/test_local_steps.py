@@ -39,9 +39,10 @@ TOL = 1e-5  # the issue's bound: fp32 round-off, relative
 
 
 # ------------------------------------------------------------------------------------------- independent reference
-def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None, dtype=torch.float64):
+def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None, dtype=torch.float64, gaps=None):
     """m agents, H local steps per round, in the issue's notation (float64). ``kinds[name]`` is "sisa", "nsisa" or
-    "adamw". Returns the consensus w after ``steps`` (a multiple of H: then every agent's w_i = w)."""
+    "adamw". Returns the consensus w after ``steps`` (a multiple of H: then every agent's w_i = w); ``gaps`` (a list)
+    gets each round's sqrt(mean_i Σ‖w_i − w‖² / Σ‖w‖²) over the PISA (non-adamw) tensors."""
     model = make_model().to(dtype)
     names = [n for n, _ in model.named_parameters()]
     m = len(sizes)
@@ -89,6 +90,10 @@ def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=N
                 for i in range(m):
                     pi[i][n] = pi[i][n] + sigma * (wi[i][n] - w[n])
                 w[n] = sum(a * (sigma * wi[i][n] + pi[i][n]) for i, a in enumerate(alphas)) / (sigma + lam)
+            if gaps is not None:
+                pisa_names = [n for n in names if kinds[n] != "adamw"]
+                gap = sum((wi[i][n] - w[n]).square().sum() for i in range(m) for n in pisa_names) / m
+                gaps.append(math.sqrt(gap / sum(w[n].square().sum() for n in pisa_names)))
             wi = [{n: t_.clone() for n, t_ in w.items()} for _ in range(m)]
     return w
 
@@ -202,6 +207,16 @@ def _body2(rank, world, root):
     out["group_h5"] = _weights(model)
     out["group_h5_cross"] = cross
     out["group_h5_rounds"] = (opt.rounds_completed, opt.round_position)
+    # TensorBoard diagnostics: consensus_gap of the last round, rounds, cross-agent bytes per step
+    from pisa_zero.monitor import Diagnostics
+
+    model = make_model()
+    opt = PISA(model.parameters(), consensus=dist.group.WORLD, local_steps=H, implementation="foreach", **HP)
+    monitor = Diagnostics(opt)
+    out["monitor"] = []
+    for start in range(0, STEPS, H):
+        _train(model, opt, opt.consensus, start, start + H, SIZES2, heterogeneous=True)
+        out["monitor"].append(monitor.measure())
     # today's mode B (the existing code path, no local_steps argument)
     model = make_model()
     opt = PISA(model.parameters(), consensus=dist.group.WORLD, implementation="foreach", **HP)
@@ -257,7 +272,23 @@ def _body4(rank, world, root):
     model, opt = _fsdp(topo, "nsisa", H)
     _train(model, opt, topo, 0, 7, SIZES4, heterogeneous=True)
     checkpoint.save(os.path.join(root, "mid4"), model, opt)
+    # scripts/comm_account.py on the same 2 × 2 mesh (last: it wraps torch.distributed's collectives for good)
+    out["comm"] = _comm_account().worker(_comm_account().parse_args(COMM_ARGV))
     return out
+
+
+COMM_ARGV = ["--world", "4", "--agents", "2", "--modes", "B-sisa,BH-sisa", "--local-steps", "2", "--steps", "2"]
+COMM_ARGV += ["--d-model", "64", "--seq", "32", "--batch", "2"]
+
+
+def _comm_account():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "comm_account.py")
+    spec = importlib.util.spec_from_file_location("comm_account", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -378,6 +409,38 @@ def test_group_h5_matches_reference(runs):
             assert math.isfinite(w.sum().item())
         for n, w in r["group_h5"].items():
             assert torch.equal(r["anchor_cpu"][n], w)
+
+
+@pytest.mark.slow
+def test_tensorboard_consensus_gap_rounds_bytes(runs):
+    two, _ = runs
+    gaps = []
+    local_reference(STEPS, H, SIZES2, True, kinds_of("sisa"), HP, gaps=gaps)
+    n = sum(p.numel() for p in make_model().parameters())
+    for r in two:
+        for j, values in enumerate(r["monitor"]):
+            assert values["pisa/sisa/consensus_gap"] == pytest.approx(gaps[j], rel=1e-4)
+            assert values["pisa/rounds"] == j + 1
+            # ring RS + AG of the fp32 round buffer (n padded to 2 slices), once per H steps
+            assert values["pisa/cross_agent_bytes_per_step"] == 2 * (1 / 2) * 4 * (-(-n // 2) * 2) / H
+    assert gaps[0] > 1e-4
+
+
+@pytest.mark.slow
+def test_comm_account_cross_agent_bytes_fall_by_h(runs):
+    """scripts/comm_account.py (GPT-2 on FSDP2, 2 × 2): cross-agent bytes per step of H = 2 are mode B's / 2 on
+    every rank; inside the agents (FSDP's all-gather / reduce-scatter) nothing changes."""
+    _, four = runs
+    rows = four[0]["comm"]
+    by = {(r["mode"], r["rank"]): r["bytes_per_step"] for r in rows}
+    for rank in range(4):
+        b, bh = by[("B-sisa", rank)], by[("BH-sisa", rank)]
+        cross = lambda kinds: kinds["cross:reduce_scatter"] + kinds["cross:all_gather"]  # noqa: E731
+        assert cross(b) > 0 and cross(bh) == cross(b) / 2, (b, bh)
+        assert (
+            bh["shard:all_gather"] == b["shard:all_gather"] and bh["shard:reduce_scatter"] == b["shard:reduce_scatter"]
+        )
+        assert "cross:all_reduce" not in bh
 
 
 @pytest.mark.slow
