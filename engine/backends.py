@@ -2,11 +2,14 @@
 
     backend.forward(x) -> logits          backend.backward(loss)       backend.grads_finite() -> bool (global)
     backend.step()   backend.skip()       backend.save(dir, extra)     backend.load(dir) -> extra
-    backend.pisa  (the PISA optimizer)    backend.grad_norm()          backend.monitor (pisa_zero.monitor.Diagnostics)
+    backend.param_groups (every group; ``lr_ref`` and ``name`` set)     backend.grad_norm()
+    backend.pisa  (the PISA optimizer, None for a baseline)  backend.monitor (pisa_zero.monitor.Diagnostics or None)
 
-``single`` is one process (a whole model and `pisa_zero.PISA`); ``fsdp2`` wraps the model with
-`pisa_zero.integrations.fsdp.prepare` (mode A over all ranks, or mode B with ``--agents``); ``deepspeed`` builds the
-engine with `pisa_zero.deepspeed.initialize` from the JSON config.
+``single`` is one process (a whole model); ``fsdp2`` wraps the model with `pisa_zero.integrations.fsdp.prepare`
+(mode A over all ranks, or mode B with ``--agents``); ``deepspeed`` builds the engine with
+`pisa_zero.deepspeed.initialize` from the JSON config. The optimizer is PISA or, with ``--optimizer adamw|muon``
+(DeepSpeed: the JSON's ``optimizer.type``), the baseline it is compared with, on the same data, schedule, logging and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import torch
 import torch.distributed as dist
 
 import pisa_zero
-from pisa_zero.monitor import Diagnostics, all_reduce_sum, global_norm
+from pisa_zero import checkpoint
+from pisa_zero.consensus import AgentTopology
+from pisa_zero.deepspeed import initialize as pisa_initialize
+from pisa_zero.integrations.fsdp import prepare
+from pisa_zero.monitor import Diagnostics, all_reduce_sum, find_pisa, global_norm
+from pisa_zero.param_groups import split_parameters
 
 
 def pisa_options(args) -> dict:
@@ -44,20 +52,30 @@ def groups_for(model, args) -> list[dict]:
     )
 
 
-def _save_torch(path: str, model, optimizer, extra: dict) -> None:
-    """Single-process fallback: one file, written to a temporary name and renamed (never half-written)."""
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, f".state.pt.tmp{os.getpid()}")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra}, tmp)
-    os.replace(tmp, os.path.join(path, "state.pt"))
+def baseline_optimizers(model, args) -> list[torch.optim.Optimizer]:
+    """The --optimizer adamw|muon baseline for a whole (unsharded) model, each group tagged with ``lr_ref`` (the
+    schedule multiplies it) and a ``name`` (its TensorBoard label).
 
-
-def _checkpoint_module():
-    try:
-        from pisa_zero import checkpoint
-    except ImportError:
-        return None
-    return checkpoint if hasattr(checkpoint, "save") and hasattr(checkpoint, "load") else None
+    adamw: torch's AdamW (fused on CUDA, foreach on CPU) on every parameter. muon: ``torch.optim.Muon`` on exactly the
+    matrices `pisa_zero.param_groups` gives NSISA, and AdamW (--aux-lr) on the rest, as PISA's auxiliary group.
+    """
+    matrices, others = split_parameters(model)
+    fused = all(p.is_cuda for p in model.parameters()) or None
+    betas = (0.9, 0.95)
+    if args.optimizer == "adamw":
+        groups = [{"params": matrices + others, "lr": args.lr, "weight_decay": args.weight_decay, "name": "adamw"}]
+        optimizers = [torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=fused)]
+    else:
+        muon = {"params": matrices, "lr": args.lr, "weight_decay": args.weight_decay, "name": "muon"}
+        aux = {"params": others, "lr": args.aux_lr, "weight_decay": args.aux_weight_decay, "name": "adamw"}
+        optimizers = [
+            torch.optim.Muon([muon], lr=args.lr, momentum=args.momentum),
+            torch.optim.AdamW([aux], lr=args.aux_lr, betas=betas, fused=fused),
+        ]
+    for optimizer in optimizers:
+        for g in optimizer.param_groups:
+            g["lr_ref"] = g["lr"]
+    return optimizers
 
 
 class Single:
@@ -65,10 +83,19 @@ class Single:
 
     def __init__(self, model, args, device):
         self.model = model.to(device)
-        self.optimizer = pisa_zero.PISA(groups_for(model, args), **pisa_options(args))
-        self.pisa = self.optimizer
-        self.monitor = Diagnostics(self.optimizer)
+        if args.optimizer == "pisa":
+            self.pisa = pisa_zero.PISA(groups_for(model, args), **pisa_options(args))
+            self.optimizers = [self.pisa]
+        else:
+            self.pisa, self.optimizers = None, baseline_optimizers(self.model, args)
+        self.monitor = Diagnostics(self.pisa) if self.pisa is not None else None
         self.accum = args.grad_accum
+
+    can_skip = True  # a skipped step is simply no optimizer.step()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def train(self, mode: bool = True):
         self.model.train(mode)
@@ -89,30 +116,25 @@ class Single:
         return global_norm([p.grad for p in self.params()])
 
     def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.skip()
 
     def skip(self):
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def set_local_batch(self, n: int):
         pass
 
+    def _optimizer_arg(self):
+        return self.optimizers[0] if len(self.optimizers) == 1 else tuple(self.optimizers)
+
     def save(self, path: str, extra: dict) -> None:
-        ckpt = _checkpoint_module()
-        if ckpt is not None:
-            ckpt.save(path, self.model, self.optimizer, extra=extra)
-        else:
-            _save_torch(path, self.model, self.optimizer, extra)
+        checkpoint.save(path, self.model, self._optimizer_arg(), extra=extra)
 
     def load(self, path: str) -> dict:
-        ckpt = _checkpoint_module()
-        if ckpt is not None and not os.path.exists(os.path.join(path, "state.pt")):
-            return ckpt.load(path, self.model, self.optimizer) or {}
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
+        return checkpoint.load(path, self.model, self._optimizer_arg()) or {}
 
 
 class FSDP2(Single):
@@ -121,20 +143,12 @@ class FSDP2(Single):
     name = "fsdp2"
 
     def __init__(self, model, args, device):
-        try:
-            from pisa_zero.integrations.fsdp import prepare
-        except ImportError as e:
-            raise SystemExit(f"--backend fsdp2 needs pisa_zero.integrations.fsdp.prepare (missing: {e})") from e
-        self.topology = None
-        if args.agents > 1:
-            try:
-                from pisa_zero.consensus import AgentTopology
-            except ImportError as e:
-                raise SystemExit(f"--agents needs pisa_zero.consensus.AgentTopology (missing: {e})") from e
-            self.topology = AgentTopology.build(agents=args.agents)
+        self.topology = AgentTopology.build(agents=args.agents) if args.agents > 1 else None
         param_dtype = torch.bfloat16 if args.dtype == "bf16" else None
         model = model.to(device)
-        self.model, self.optimizer = prepare(
+        # prepare() shards the model and builds PISA on it; a baseline then takes the sharded parameters (PISA's
+        # state is lazy, so the unused PISA object costs nothing)
+        self.model, pisa = prepare(
             model,
             self.topology,
             param_dtype=param_dtype,
@@ -142,8 +156,11 @@ class FSDP2(Single):
             groups=groups_for(model, args),
             **pisa_options(args),
         )
-        self.pisa = self.optimizer
-        self.monitor = Diagnostics(self.optimizer)
+        if args.optimizer == "pisa":
+            self.pisa, self.optimizers = pisa, [pisa]
+        else:
+            self.pisa, self.optimizers = None, baseline_optimizers(self.model, args)
+        self.monitor = Diagnostics(self.pisa) if self.pisa is not None else None
         self.accum = args.grad_accum
 
     def grad_norm(self) -> float:
@@ -152,24 +169,54 @@ class FSDP2(Single):
 
     def set_local_batch(self, n: int):
         if self.topology is not None:
-            self.optimizer.set_local_batch_size(n)
+            self.pisa.set_local_batch_size(n)
 
-    def save(self, path: str, extra: dict) -> None:
-        ckpt = _checkpoint_module()
-        if ckpt is None:
-            raise SystemExit("--backend fsdp2 checkpoints need pisa_zero.checkpoint.save/load, which is missing")
-        ckpt.save(path, self.model, self.optimizer, extra=extra)
 
-    def load(self, path: str) -> dict:
-        ckpt = _checkpoint_module()
-        if ckpt is None:
-            raise SystemExit("--backend fsdp2 checkpoints need pisa_zero.checkpoint.save/load, which is missing")
-        return ckpt.load(path, self.model, self.optimizer) or {}
+#: --optimizer values and the DeepSpeed ``optimizer.type`` that selects each (case-insensitive, as DeepSpeed reads it)
+DEEPSPEED_TYPES = {"pisa": "PISA", "adamw": "AdamW", "muon": "Muon"}
+#: optimizer.params keys of DeepSpeed's Muon (engine.py ``_MUON_HALF_KEYS`` / ``_ADAM_HALF_KEYS`` and the lr overrides)
+MUON_KEYS = ("lr", "momentum", "weight_decay", "ns_method", "betas", "eps", "muon_lr", "adam_lr")
+#: optimizer.params keys DeepSpeed's AdamW takes besides torch.optim.AdamW's
+ADAMW_DEEPSPEED_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
+
+
+def _override(params: dict, explicit: set[str], args, pairs) -> None:
+    """Write each explicitly given flag into its key: a flag overrides only what it names."""
+    for flag, key in pairs:
+        if flag in explicit:
+            params[key] = getattr(args, flag)
+
+
+def _check_params(source: str, kind: str, params: dict) -> None:
+    """Reject what DeepSpeed or PISA would reject (or silently ignore), naming the file and the key."""
+    if kind == "pisa":
+        from pisa_zero.deepspeed import parse_pisa_params
+
+        try:
+            parse_pisa_params(params)
+        except ValueError as e:
+            raise ValueError(f"invalid {source}: {e}") from e
+        return
+    if kind == "muon":
+        unknown = sorted(set(params) - set(MUON_KEYS))
+        if unknown:
+            raise ValueError(f"invalid {source}: unknown key optimizer.params.{unknown[0]!r}; Muon takes {MUON_KEYS}")
+        momentum = params.get("momentum", 0.95)
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"invalid {source}: optimizer.params.momentum={momentum!r}: expected a number in [0, 1)")
+        params = {k: v for k, v in params.items() if k in ("lr", "weight_decay", "betas", "eps")}
+    try:
+        torch.optim.AdamW([torch.zeros(1)], **{k: v for k, v in params.items() if k not in ADAMW_DEEPSPEED_KEYS})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid {source}: optimizer.params: {e}") from e
 
 
 def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) -> dict:
-    """The JSON config with the command line's explicit batch/optimizer flags applied and TensorBoard turned on."""
-    with open(args.deepspeed_config) as f:
+    """The JSON config with the command line's explicit flags applied (each overrides only the key it names) and
+    TensorBoard turned on. ``optimizer.type`` (PISA, AdamW or Muon) selects the optimizer; it is read exactly as
+    `pisa_zero.deepspeed.build_optimizer` (PISA) or DeepSpeed (AdamW, Muon) read it."""
+    source = args.deepspeed_config
+    with open(source) as f:
         config = json.load(f)
     if "batch_size" in explicit or "train_micro_batch_size_per_gpu" not in config:
         config["train_micro_batch_size_per_gpu"] = args.batch_size
@@ -179,38 +226,43 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     args.batch_size = int(config["train_micro_batch_size_per_gpu"])
     args.grad_accum = int(config["gradient_accumulation_steps"])
     opt = config.setdefault("optimizer", {"type": "PISA", "params": {}})
-    if str(opt.get("type", "")).lower() != "pisa":
-        raise ValueError(f"invalid {args.deepspeed_config}: optimizer.type={opt.get('type')!r}, expected 'PISA'")
-    params = opt.setdefault("params", {})
-    params.setdefault("param_groups", "auto")
-    for flag, key in (
-        ("sigma", "sigma"),
-        ("rho", "rho"),
-        ("momentum", "momentum"),
-        ("beta2", "beta2"),
-        ("l2_lambda", "l2_lambda"),
-        ("weight_decay", "weight_decay"),
-        ("matrix_preconditioner", "matrix_preconditioner"),
-        ("other_preconditioner", "other_preconditioner"),
-    ):
-        if flag in explicit or key not in params:
-            params[key] = getattr(args, flag)
-    if "agents" in explicit or args.agents > 1:
-        params["agents"] = args.agents
-    if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
-        say(
-            "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
-            "with one agent's gradient norm)"
+    kind = str(opt.get("type", "")).lower()
+    if kind not in DEEPSPEED_TYPES:
+        raise ValueError(f"invalid {source}: optimizer.type={opt.get('type')!r}: expected one of PISA, AdamW, Muon")
+    if "optimizer" in explicit and args.optimizer != kind:
+        raise ValueError(
+            f"--optimizer {args.optimizer} contradicts {source}'s optimizer.type={opt['type']!r}: "
+            "under DeepSpeed the config's type selects the optimizer; change one of them"
         )
-        config["gradient_clipping"] = 0.0
-    if "implementation" in explicit:
-        params["implementation"] = pisa_options(args)["implementation"]
-    if params.get("other_preconditioner") == "adamw":
-        other = params.setdefault("other_options", {})
-        if "aux_lr" in explicit or "lr" not in other:
-            other["lr"] = args.aux_lr
-        if "aux_weight_decay" in explicit or "weight_decay" not in other:
-            other["weight_decay"] = args.aux_weight_decay
+    args.optimizer = kind
+    params = opt.setdefault("params", {})
+    if kind == "pisa":
+        _override(params, explicit, args, [(k, k) for k in ("sigma", "rho", "momentum", "beta2", "l2_lambda")])
+        _override(params, explicit, args, [(k, k) for k in ("weight_decay", "agents")])
+        _override(params, explicit, args, [(k, k) for k in ("matrix_preconditioner", "other_preconditioner")])
+        if "implementation" in explicit:
+            params["implementation"] = pisa_options(args)["implementation"]
+        if {"aux_lr", "aux_weight_decay"} & explicit:
+            _override(params.setdefault("other_options", {}), explicit, args, [("aux_lr", "lr")])
+            _override(params["other_options"], explicit, args, [("aux_weight_decay", "weight_decay")])
+        if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
+            say(
+                "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
+                "with one agent's gradient norm)"
+            )
+            config["gradient_clipping"] = 0.0
+    elif kind == "adamw":
+        _override(params, explicit, args, [("lr", "lr"), ("weight_decay", "weight_decay")])
+    else:
+        _override(params, explicit, args, [("lr", "muon_lr"), ("aux_lr", "adam_lr"), ("momentum", "momentum")])
+        _override(params, explicit, args, [("weight_decay", "weight_decay")])
+        config.setdefault("zero_allow_untested_optimizer", True)  # the Muon object is handed to DeepSpeed built
+        zero = config.setdefault("zero_optimization", {})
+        if int(zero.get("stage", 0)) == 3 and zero.setdefault("reduce_scatter", False):
+            raise ValueError(
+                f"invalid {source}: DeepSpeed's Muon at ZeRO-3 needs zero_optimization.reduce_scatter false"
+            )
+    _check_params(source, kind, params)
     # DeepSpeed's own monitor writes its Train/Samples/* scalars next to ours (or nowhere with --no-tensorboard)
     config["tensorboard"] = {"enabled": bool(logdir), "output_path": logdir or "", "job_name": "deepspeed"}
     if args.schedule != "config" and config.pop("scheduler", None) is not None:
@@ -225,21 +277,50 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     return config
 
 
+def deepspeed_muon(model, params: dict):
+    """DeepSpeed's own Muon (``MuonWithAuxAdam``, which its ZeRO stages orthogonalise on whole gradients) on exactly
+    the matrices `pisa_zero.param_groups` gives NSISA, AdamW on the rest. Built here rather than from the JSON because
+    DeepSpeed routes by name (``"embed"``/``"lm_head"``), which puts GPT-2's ``wte``/``wpe`` on Muon."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    matrices, others = split_parameters(model)
+    for p in matrices:
+        p.use_muon = True
+    for p in others:
+        p.use_muon = False
+    shared = {k: params[k] for k in ("lr", "weight_decay") if k in params}
+    muon = {"lr": 0.02, "momentum": 0.95, "ns_method": "gram", **shared}
+    muon.update({k: params[k] for k in ("momentum", "ns_method") if k in params})
+    adam = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, **shared}
+    adam.update({k: tuple(params[k]) if k == "betas" else params[k] for k in ("betas", "eps") if k in params})
+    muon["lr"], adam["lr"] = params.get("muon_lr", muon["lr"]), params.get("adam_lr", adam["lr"])
+    return MuonWithAuxAdam(
+        [
+            {"params": matrices, "use_muon": True, "name": "muon", **muon},
+            {"params": others, "use_muon": False, "name": "adamw", **adam},
+        ]
+    )
+
+
 class DeepSpeed:
     name = "deepspeed"
 
     def __init__(self, model, args, device, config: dict):
-        try:
-            from pisa_zero.deepspeed import initialize
-        except ImportError as e:
-            raise SystemExit(f"--backend deepspeed needs pisa_zero.deepspeed.initialize, which is missing ({e})") from e
-        self.engine, self.optimizer, _, self.scheduler = initialize(model=model, config=config)
+        if args.optimizer == "muon":
+            optimizer = deepspeed_muon(model, config.pop("optimizer")["params"])
+            self.engine, *_ = pisa_initialize(model=model, optimizer=optimizer, config=config)
+        else:
+            self.engine, *_ = pisa_initialize(model=model, model_parameters=model.parameters(), config=config)
         self.model = self.engine
-        self.pisa = pisa_zero.monitor.find_pisa(self.engine.optimizer)
-        self.monitor = Diagnostics(self.engine.optimizer)
-        consensus = self.pisa.consensus
+        self.pisa = find_pisa(self.engine.optimizer) if args.optimizer == "pisa" else None
+        self.monitor = Diagnostics(self.engine.optimizer) if self.pisa is not None else None
+        consensus = self.pisa.consensus if self.pisa is not None else None
         self.topology = consensus if consensus is not None and consensus.agents > 1 else None
-        self._zero_loss = False
+        self.param_groups = self.pisa.param_groups if self.pisa is not None else self.engine.optimizer.param_groups
+        for g in self.param_groups:
+            g.setdefault("lr_ref", g["lr"])
+            g.setdefault("name", args.optimizer)
+        self.can_skip = self.pisa is not None
 
     def train(self, mode: bool = True):
         self.engine.train(mode)
@@ -276,6 +357,8 @@ class DeepSpeed:
     def skip(self):
         """Finish the step with every group's lr at 0: PISA then leaves weights and state untouched, and DeepSpeed's
         own bookkeeping (gradient buffers, micro-step counters) stays consistent on every rank."""
+        if not self.can_skip:
+            raise RuntimeError("DeepSpeed's own optimizers have no no-op step; the engine stops instead")
         saved = [g["lr"] for g in self.pisa.param_groups]
         for g in self.pisa.param_groups:
             g["lr"] = 0.0
@@ -290,7 +373,10 @@ class DeepSpeed:
             self.pisa.set_local_batch_size(n)
 
     def save(self, path: str, extra: dict) -> None:
-        self.engine.save_checkpoint(os.path.dirname(path), tag=os.path.basename(path), client_state={"extra": extra})
+        # save_latest=False: DeepSpeed rewrites ``latest`` in place; engine/checkpoints.py writes it atomically
+        self.engine.save_checkpoint(
+            os.path.dirname(path), tag=os.path.basename(path), client_state={"extra": extra}, save_latest=False
+        )
 
     def load(self, path: str) -> dict:
         load_path, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))

@@ -18,8 +18,6 @@ import functools
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -32,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine import backends
+from engine import backends, checkpoints
 from engine.data import Batches, load_corpus, partition_domains, val_windows
 from engine.models import FAMILIES, SIZES, build_model, count_parameters
 from pisa_zero.monitor import TensorBoard, all_reduce_sum, peak_memory_mb
@@ -119,7 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-step")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
 
-    o = p.add_argument_group("optimizer (PISA)")
+    o = p.add_argument_group("optimizer")
+    o.add_argument(
+        "--optimizer",
+        choices=("pisa", "adamw", "muon"),
+        default="pisa",
+        help="pisa; or a baseline on the same data, schedule, logs and checkpoints: adamw (torch's AdamW, fused on "
+        "CUDA, foreach on CPU) or muon (torch.optim.Muon on the block matrices PISA gives nsisa, AdamW with --aux-lr "
+        "on the rest). DeepSpeed: the config's optimizer.type (PISA | AdamW | Muon) decides",
+    )
+    o.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="baselines: the lr of AdamW (every parameter) or of Muon (the matrices); default 3e-3 / 0.02. "
+        "PISA's lr is 1/(σ+ρ)",
+    )
     o.add_argument("--sigma", type=float, default=30.0, help="σ, the ADMM penalty of the PISA groups")
     o.add_argument("--rho", type=float, default=100.0, help="ρ, the preconditioner weight of the PISA groups")
     o.add_argument("--matrix-preconditioner", default="nsisa", help="block matrices: nsisa | sisa | adagrad | identity")
@@ -128,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="adamw",
         help="embeddings, head, norms, biases: adamw (auxiliary) | sisa | ...",
     )
-    o.add_argument("--aux-lr", type=float, default=3e-3, help="lr of the auxiliary AdamW group")
+    o.add_argument("--aux-lr", type=float, default=3e-3, help="lr of the auxiliary AdamW group (PISA, Muon)")
     o.add_argument("--aux-weight-decay", type=float, default=0.0, help="weight decay of the auxiliary AdamW group")
-    o.add_argument("--momentum", type=float, default=0.95, help="nsisa momentum μ")
+    o.add_argument("--momentum", type=float, default=0.95, help="nsisa (and Muon) momentum μ")
     o.add_argument("--beta2", type=float, default=0.999, help="sisa second-moment β₂")
     o.add_argument("--l2-lambda", type=float, default=0.0, help="λ, the consensus ℓ2 term")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the PISA groups")
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay of the PISA groups (baselines: AdamW's, Muon's)",
+    )
     o.add_argument(
         "--implementation",
         choices=("auto", "single", "foreach", "compiled"),
@@ -215,6 +233,10 @@ def parse_args(argv=None):
         parser.error("--schedule config needs the deepspeed back end (a 'scheduler' in its config)")
     if args.agents > 1 and args.backend not in ("fsdp2", "deepspeed"):
         parser.error(f"--agents {args.agents} needs --backend fsdp2 or deepspeed (mode B)")
+    if args.optimizer != "pisa" and args.agents > 1:
+        parser.error(f"--agents {args.agents} is PISA's mode B; --optimizer {args.optimizer} has no consensus")
+    if args.lr is None:
+        args.lr = 0.02 if args.optimizer == "muon" else 3e-3
     spec = args.inject_nonfinite
     args.inject_kind = "grad" if spec.startswith("grad:") else "loss"
     try:
@@ -298,63 +320,6 @@ class StopRequest:
             os._exit(128 + signum)
 
 
-def checkpoint_dir(args) -> str:
-    return os.path.join(args.out_dir, "checkpoints")
-
-
-def resolve_resume(args) -> str | None:
-    if args.resume is None:
-        return None
-    if args.resume != "latest":
-        if not os.path.isdir(args.resume):
-            raise ValueError(f"invalid --resume={args.resume!r}: not a checkpoint directory")
-        return os.path.abspath(args.resume).rstrip("/")
-    latest = os.path.join(checkpoint_dir(args), "latest")
-    if not os.path.exists(latest):
-        return None  # nothing saved yet: start fresh (so the same command both starts and resumes)
-    with open(latest) as f:
-        return os.path.join(checkpoint_dir(args), f.read().strip())
-
-
-def prune_checkpoints(root: str, keep: int) -> None:
-    """Keep the newest ``keep`` step_NNNNNN checkpoints (a directory, or a symlink to a versioned directory as
-    pisa_zero.checkpoint writes them); remove older ones and orphaned versions of older steps."""
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n))
-    kept = names[-keep:]
-    targets = {os.path.realpath(os.path.join(root, n)) for n in kept}
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        step = re.match(r"step_(\d{6})", name)
-        if not step or name in kept or os.path.realpath(path) in targets or step.group(0) >= kept[0]:
-            continue
-        if os.path.islink(path):
-            real = os.path.realpath(path)
-            os.remove(path)
-            shutil.rmtree(real, ignore_errors=True)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def save_checkpoint(backend, args, rank, step: int, extra: dict) -> str:
-    """Write checkpoints/step_NNNNNN, then point ``latest`` at it (atomically), then prune old ones."""
-    root = checkpoint_dir(args)
-    tag = f"step_{step:06d}"
-    path = os.path.join(root, tag)
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-    backends.barrier()
-    backend.save(path, extra)
-    backends.barrier()
-    if rank == 0:
-        tmp = os.path.join(root, f".latest.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(tag)
-        os.replace(tmp, os.path.join(root, "latest"))
-        prune_checkpoints(root, args.keep_checkpoints)
-    backends.barrier()
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -416,12 +381,11 @@ def main(argv=None) -> int:
 
     # resume
     step, tokens, nonfinite_total = 0, 0, 0
-    resume_from = resolve_resume(args)
+    run = checkpoints.identity(args, world, corpus.vocab_size)
+    resume_from = checkpoints.resolve_resume(args, say=log)
     if resume_from:
+        checkpoints.check_identity(resume_from, run)
         extra = backend.load(resume_from)
-        for key, want in (("model", args.model), ("size", args.size), ("world", world), ("agents", args.agents)):
-            if key in extra and extra[key] != want:
-                raise ValueError(f"invalid --resume={resume_from}: saved with {key}={extra[key]!r}, now {want!r}")
         step, tokens, nonfinite_total = extra["step"], extra["tokens"], extra.get("nonfinite", 0)
 
     tb = TensorBoard(logdir, enabled=master and logdir is not None)
@@ -448,21 +412,13 @@ def main(argv=None) -> int:
     consecutive_bad, last_val, exit_code, reason = 0, float("nan"), 0, "done"
 
     def extra_state():
-        return {
-            "step": step,
-            "tokens": tokens,
-            "nonfinite": nonfinite_total,
-            "model": args.model,
-            "size": args.size,
-            "world": world,
-            "agents": args.agents,
-        }
+        return {"step": step, "tokens": tokens, "nonfinite": nonfinite_total}
 
     while step < args.max_steps:
         step_started = time.time()
         factor = lr_factor(step + 1, args)
         if args.schedule != "config":
-            for g in backend.pisa.param_groups:
+            for g in backend.param_groups:
                 g["lr"] = g["lr_ref"] * factor
         diag = step + 1 == 1 or (step + 1) % args.diag_interval == 0
 
@@ -487,10 +443,17 @@ def main(argv=None) -> int:
         backend.set_local_batch(args.batch_size * args.grad_accum * args.block_size)
         grad_norm = backend.grad_norm() if finite and diag and backend.name != "deepspeed" else None
         if finite:
-            if diag:
+            if diag and backend.monitor is not None:
                 backend.monitor.snapshot()
             backend.step()
             consecutive_bad = 0
+        elif not backend.can_skip:
+            say(
+                f"[pisa_zero] stopping at step {step + 1}: a non-finite loss or gradient, and DeepSpeed's "
+                f"{args.optimizer} has no step that leaves its state untouched; resume from the last checkpoint"
+            )
+            exit_code, reason = 3, "nonfinite"
+            break
         else:
             backend.skip()
             consecutive_bad += 1
@@ -519,10 +482,11 @@ def main(argv=None) -> int:
                     "train/nonfinite_skipped": nonfinite_total,
                 }
             )
-            for i, g in enumerate(backend.pisa.param_groups):
-                scalars[f"train/lr/{g['preconditioner']}{'' if i < 2 else i}"] = g["lr"]
+            for i, g in enumerate(backend.param_groups):
+                scalars[f"train/lr/{g.get('preconditioner', g.get('name'))}{'' if i < 2 else i}"] = g["lr"]
         if finite and diag:
-            scalars.update(backend.monitor.measure())
+            if backend.monitor is not None:
+                scalars.update(backend.monitor.measure())
             if grad_norm is None:
                 grad_norm = backend.grad_norm()
             scalars["train/grad_norm"] = grad_norm
@@ -553,7 +517,7 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.set_postfix(progress_fields(train_loss, tokens_per_step / dt, last_val))
         if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == args.max_steps or stopping:
-            path = save_checkpoint(backend, args, rank, step, extra_state())
+            path = checkpoints.save(backend, args, rank, step, extra_state(), run, backends.barrier)
             say(f"step {step}: checkpoint {path}")
         tb.flush()
         if stopping:

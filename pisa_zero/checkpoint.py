@@ -145,7 +145,9 @@ def _quiet():
 def _state_dicts(model: nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    optimizer.init_state()  # every state tensor exists (zeros for parameters that never stepped)
+    for o in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+        if hasattr(o, "init_state"):  # PISA: every state tensor exists (zeros for parameters that never stepped)
+            o.init_state()
     return get_state_dict(model, optimizer)
 
 

@@ -356,7 +356,7 @@ def test_fsdp2_two_agents_mode_b_end_to_end(cache_dir, tmp_path):
 
 
 def test_prune_keeps_newest_and_in_progress_versions(tmp_path):
-    from engine.train import prune_checkpoints
+    from engine.checkpoints import prune as prune_checkpoints
 
     for s in (3, 6, 9):
         (tmp_path / f"step_{s:06d}.v-a").mkdir()
@@ -415,3 +415,73 @@ def test_deepspeed_two_agents_mode_b(cache_dir, tmp_path):
     )
     assert states["global_steps"] == 6 and states["global_samples"] == 6 * 4 * 2  # per agent: 6 steps x 4 x 2
     assert {"mp_rank_00", "mp_rank_01"} <= {re.search(r"mp_rank_\d\d", f).group(0) for f in saved if "mp_rank" in f}
+
+
+# ------------------------------------------------------------------------------------------- baselines (issue 11)
+def test_muon_baseline_takes_exactly_the_nsisa_matrices():
+    from engine import backends
+
+    model = models.build_model("gpt2", "tiny")
+    groups = {g["preconditioner"]: g["params"] for g in __import__("pisa_zero").param_groups(model)}
+    muon, adamw = backends.baseline_optimizers(model, parse_args(["--optimizer", "muon"]))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert [id(p) for p in muon.param_groups[0]["params"]] == [id(p) for p in groups["nsisa"]]
+    assert [id(p) for p in adamw.param_groups[0]["params"]] == [id(p) for p in groups["adamw"]]
+    assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["lr"] == 3e-3
+    (only,) = backends.baseline_optimizers(model, parse_args(["--optimizer", "adamw", "--lr", "1e-3"]))
+    assert isinstance(only, torch.optim.AdamW) and only.param_groups[0]["lr_ref"] == 1e-3
+    assert sum(p.numel() for p in only.param_groups[0]["params"]) == models.count_parameters(model)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_baselines_train_log_and_resume_exactly(run, tmp_path, optimizer):
+    flags = ["--optimizer", optimizer, "--max-steps", 8, "--eval-interval", 4, "--log-interval", 1]
+    flags += ["--ckpt-interval", 4, "--schedule", "cosine"]
+    assert run(*flags) == 0
+    s = scalars(tmp_path / "run" / "tensorboard")
+    assert s["train/loss"][8] < s["train/loss"][1] - 0.5 and s["val/loss"][8] < s["val/loss"][4]
+    assert f"train/lr/{optimizer}" in s and not any(k.startswith("pisa/") for k in s)
+    assert s[f"train/lr/{optimizer}"][2] < s[f"train/lr/{optimizer}"][3]  # the same warm-up as PISA's
+    assert run(*flags, "--resume", tmp_path / "run" / "checkpoints" / "step_000004", out="resumed") == 0
+    r = scalars(tmp_path / "resumed" / "tensorboard")
+    assert r["train/loss"][8] == s["train/loss"][8] and r["val/loss"][8] == s["val/loss"][8]
+    with pytest.raises(ValueError, match="optimizer"):  # a checkpoint of one optimizer is not resumed by another
+        run("--max-steps", 8, "--resume", tmp_path / "run" / "checkpoints" / "step_000008", out="other")
+
+
+def test_deepspeed_config_selects_the_optimizer_by_type(tmp_path):
+    from engine import backends
+
+    def config(name, *flags):
+        args = parse_args(["--deepspeed_config", os.path.join(ROOT, "configs", name), *flags])
+        return backends.deepspeed_config(args, args.explicit, None, say=lambda *a: None), args
+
+    for name, kind in (("pisa_zero3.json", "pisa"), ("adamw_zero3.json", "adamw"), ("muon_zero3.json", "muon")):
+        assert config(name)[1].optimizer == kind
+    cfg, _ = config("adamw_zero3.json", "--lr", "1e-4")
+    assert cfg["optimizer"]["params"]["lr"] == 1e-4
+    cfg, _ = config("muon_zero3.json", "--lr", "0.05", "--aux-lr", "1e-3")
+    assert cfg["optimizer"]["params"]["muon_lr"] == 0.05 and cfg["optimizer"]["params"]["adam_lr"] == 1e-3
+    with pytest.raises(ValueError, match="contradicts"):
+        config("adamw_zero3.json", "--optimizer", "muon")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"optimizer": {"type": "Lamb"}}')
+    with pytest.raises(ValueError, match="optimizer.type='Lamb'"):
+        config(str(bad))
+    bad.write_text('{"optimizer": {"type": "AdamW", "params": {"lr": -1}}}')
+    with pytest.raises(ValueError, match="bad.json.*learning rate"):
+        config(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_zero3.json", "muon_zero3.json"])
+def test_deepspeed_baselines_train_from_their_config(cache_dir, tmp_path, name):
+    out = tmp_path / "ds"
+    cmd = ["deepspeed", "--num_gpus", "2", "engine/train.py", "--deepspeed_config", f"configs/{name}", *TINY]
+    cmd += ["--cache-dir", cache_dir, "--out-dir", str(out), "--max-steps", "6", "--eval-interval", "3"]
+    cmd += ["--ckpt-interval", "6", "--log-interval", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    s = scalars(out / "tensorboard")
+    assert s["val/loss"][6] < s["val/loss"][3] and s["train/loss"][6] < s["train/loss"][1]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000006"

@@ -1,0 +1,136 @@
+"""The application's checkpoint folder: <out-dir>/checkpoints/step_NNNNNN, ``latest`` naming the newest complete one.
+
+A checkpoint is complete when its ``run.json`` exists: it is written (atomically) after the back end's own files,
+and ``latest`` only after that, also atomically (DeepSpeed is told not to write its own ``latest``, which it rewrites
+in place). ``run.json`` holds what the run was (model, size, vocabulary, optimizer, ...), so a resume with other
+flags fails before anything is loaded, naming the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+RUN_FILE = "run.json"
+_STEP = re.compile(r"step_\d{6}")
+
+#: what a checkpoint must agree with to be resumed, and the flag that sets each
+IDENTITY_FLAGS = {
+    "backend": "--backend",
+    "model": "--model",
+    "size": "--size",
+    "vocab_size": "--vocab-size / --data",
+    "block_size": "--block-size",
+    "optimizer": "--optimizer",
+}
+#: DeepSpeed's ZeRO checkpoints hold one file per rank and agent layout (pisa_zero.checkpoint reshards both)
+DEEPSPEED_IDENTITY_FLAGS = {"world": "the number of ranks", "agents": "--agents"}
+
+
+def root(args) -> str:
+    return os.path.join(args.out_dir, "checkpoints")
+
+
+def identity(args, world: int, vocab_size: int) -> dict:
+    """What this run is, as far as a checkpoint of it is concerned."""
+    run = {"backend": args.backend, "model": args.model, "size": args.size, "vocab_size": vocab_size}
+    run.update(block_size=args.block_size, optimizer=args.optimizer, world=world, agents=args.agents)
+    return run
+
+
+def check_identity(path: str, run: dict) -> None:
+    """ValueError naming the flag when the checkpoint at ``path`` was written by a different kind of run."""
+    saved_path = os.path.join(path, RUN_FILE)
+    if not os.path.isfile(saved_path):
+        return  # written before run.json existed: the back end's own load is the check
+    with open(saved_path) as f:
+        saved = json.load(f)
+    flags = dict(IDENTITY_FLAGS, **(DEEPSPEED_IDENTITY_FLAGS if run["backend"] == "deepspeed" else {}))
+    for key, flag in flags.items():
+        if key in saved and saved[key] != run[key]:
+            raise ValueError(
+                f"invalid --resume={path}: it was saved with {key}={saved[key]!r} ({flag}), this run has "
+                f"{key}={run[key]!r}; resume with the same {flag}, or start a new --out-dir"
+            )
+
+
+def _complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_FILE))
+
+
+def resolve_resume(args, say=print) -> str | None:
+    """The checkpoint --resume names: a directory, or ``latest`` — falling back to the newest complete checkpoint
+    (with a message) when ``latest`` is empty, unreadable or names an incomplete one; None when nothing was saved."""
+    if args.resume is None:
+        return None
+    if args.resume != "latest":
+        if not os.path.isdir(args.resume):
+            raise ValueError(f"invalid --resume={args.resume!r}: not a checkpoint directory")
+        return os.path.abspath(args.resume).rstrip("/")
+    folder = root(args)
+    latest = os.path.join(folder, "latest")
+    try:
+        with open(latest) as f:
+            tag = f.read().strip()
+    except FileNotFoundError:
+        tag = None
+    except OSError:
+        tag = ""
+    if tag and _STEP.fullmatch(tag) and _complete(os.path.join(folder, tag)):
+        return os.path.join(folder, tag)
+    complete = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if _STEP.fullmatch(n))
+    complete = [n for n in complete if _complete(os.path.join(folder, n))]
+    if tag is None and not complete:
+        return None  # nothing saved yet: start fresh (so the same command both starts and resumes)
+    if not complete:
+        raise ValueError(f"invalid --resume: {latest} names {tag!r} and no complete checkpoint is in {folder}")
+    say(f"[pisa_zero] {latest} names {tag!r}, not a complete checkpoint; resuming from the newest complete one")
+    return os.path.join(folder, complete[-1])
+
+
+def prune(folder: str, keep: int) -> None:
+    """Keep the newest ``keep`` step_NNNNNN checkpoints (a directory, or a symlink to a versioned directory as
+    pisa_zero.checkpoint writes them); remove older ones and orphaned versions of older steps."""
+    names = sorted(n for n in os.listdir(folder) if _STEP.fullmatch(n))
+    kept = names[-keep:]
+    targets = {os.path.realpath(os.path.join(folder, n)) for n in kept}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        step = re.match(r"step_(\d{6})", name)
+        if not step or name in kept or os.path.realpath(path) in targets or step.group(0) >= kept[0]:
+            continue
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            os.remove(path)
+            shutil.rmtree(real, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(backend, args, rank: int, step: int, extra: dict, run: dict, barrier) -> str:
+    """Write checkpoints/step_NNNNNN, its run.json, then point ``latest`` at it (each atomically), then prune."""
+    folder = root(args)
+    tag = f"step_{step:06d}"
+    path = os.path.join(folder, tag)
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    barrier()
+    backend.save(path, extra)
+    barrier()
+    if rank == 0:
+        _write_atomically(os.path.join(path, RUN_FILE), json.dumps(run))
+        _write_atomically(os.path.join(folder, "latest"), tag)
+        prune(folder, args.keep_checkpoints)
+    barrier()
+    return path
