@@ -38,6 +38,7 @@ def pisa_options(args) -> dict:
         beta2=args.beta2,
         l2_lambda=args.l2_lambda,
         weight_decay=args.weight_decay,
+        local_steps=args.local_steps,
         implementation=None if args.implementation == "auto" else args.implementation,
     )
 
@@ -238,7 +239,7 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     params = opt.setdefault("params", {})
     if kind == "pisa":
         _override(params, explicit, args, [(k, k) for k in ("sigma", "rho", "momentum", "beta2", "l2_lambda")])
-        _override(params, explicit, args, [(k, k) for k in ("weight_decay", "agents")])
+        _override(params, explicit, args, [(k, k) for k in ("weight_decay", "agents", "local_steps")])
         _override(params, explicit, args, [(k, k) for k in ("matrix_preconditioner", "other_preconditioner")])
         if "implementation" in explicit:
             params["implementation"] = pisa_options(args)["implementation"]

@@ -13,6 +13,7 @@ Writes TensorBoard logs to <out-dir>/tensorboard and checkpoints to <out-dir>/ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import logging
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--beta2", type=float, default=0.999, help="sisa second-moment β₂")
     o.add_argument("--l2-lambda", type=float, default=0.0, help="λ, the consensus ℓ2 term")
     o.add_argument(
+        "--local-steps",
+        type=int,
+        default=1,
+        help="mode B (--agents M > 1): H local steps per consensus round, the agents meet every H-th step "
+        "(docs/ALGORITHM.md §6); evaluation uses the consensus weights; 1 = every step",
+    )
+    o.add_argument(
         "--weight-decay",
         type=float,
         default=0.0,
@@ -226,7 +234,8 @@ def parse_args(argv=None):
             args.backend = "fsdp2" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
     if args.backend == "deepspeed" and not args.deepspeed_config:
         parser.error("--backend deepspeed needs --deepspeed_config")
-    for name in ("max_steps", "batch_size", "grad_accum", "block_size", "agents", "eval_windows", "keep_checkpoints"):
+    for name in ("max_steps", "batch_size", "grad_accum", "block_size", "agents", "eval_windows", "keep_checkpoints",
+                 "local_steps"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.schedule == "config" and args.backend != "deepspeed":
@@ -237,6 +246,8 @@ def parse_args(argv=None):
         parser.error(f"--agents {args.agents} is PISA's mode B; --optimizer {args.optimizer} has no consensus")
     if args.lr is None:
         args.lr = 0.02 if args.optimizer == "muon" else 3e-3
+    if args.local_steps > 1 and args.agents == 1:
+        parser.error(f"--local-steps {args.local_steps} needs agents (--agents M, M > 1)")
     spec = args.inject_nonfinite
     args.inject_kind = "grad" if spec.startswith("grad:") else "loss"
     try:
@@ -507,7 +518,9 @@ def main(argv=None) -> int:
             break
         stopping = flags[2].item() > 0
         if (args.eval_interval and step % args.eval_interval == 0) or step == args.max_steps or stopping:
-            last_val = evaluate(backend, windows, rank, world, args.batch_size, device)
+            # local steps: evaluate the round's consensus w, not this agent's w_i
+            with backend.pisa.consensus_weights() if backend.pisa is not None else contextlib.nullcontext():
+                last_val = evaluate(backend, windows, rank, world, args.batch_size, device)
             elapsed = time.time() - started
             say(
                 f"step {step}: val loss {last_val:.4f} | val ppl {math.exp(min(last_val, 50)):.2f} | "

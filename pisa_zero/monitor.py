@@ -136,7 +136,9 @@ class Diagnostics:
         labels: dict[str, dict] = {}
         rows: list[tuple[str, str, Tensor]] = []  # (label, quantity, local sum of squares)
         device = None
-        mode_b = self.agents > 1 and self.agent_group is not None
+        # (with local steps the duals move only at round ends: consensus_gap replaces the per-step spread, which would
+        # cost a parameter-sized all-reduce across agents)
+        mode_b = self.agents > 1 and self.agent_group is not None and self.pisa._rounds is None
         for p, state in self.pisa.state.items():
             if not isinstance(p, Tensor):
                 continue
