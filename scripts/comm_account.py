@@ -23,11 +23,15 @@ Peak memory: the peak of live tensor bytes per rank, rebuilt from torch's CPU al
 ``profile_memory=True`` records every allocation and free with its address) over the whole run: model construction,
 sharding, warm-up and measured steps. That is every tensor byte — parameters, gradients, optimizer state,
 activations, FSDP and consensus buffers, optimizer temporaries — and nothing else (the Python heap and gloo's own
-buffers, the same in every mode, are excluded). FSDP's asynchronous all-gathers move a rank's peak by about one
-all-gather buffer from run to run (±0.8 MiB here), in every mode.
+buffers, the same in every mode, are excluded). With gloo, a buffer whose last reference a gloo worker thread drops
+is freed on a thread the profiler does not see, at a moment set by thread timing: a rank's peak moves by a buffer or
+two from run to run, in every mode. ``--fake-collectives`` runs each rank's program with torch's fake process group
+instead (collectives are no-ops on the calling thread; every call, and so every byte count, is the same): each
+buffer is then freed where the program drops it, and the peaks are the same in every run (what the test asserts).
 
     python scripts/comm_account.py --world 4 --agents 2          # self-spawns 4 gloo ranks
     torchrun --nproc-per-node 4 scripts/comm_account.py --agents 2
+    python scripts/comm_account.py --world 4 --agents 2 --fake-collectives   # deterministic peaks, no data moved
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ def parse_args(argv=None):
         default=1 << 15,
         help="PISA consensus bucket (elements) in modes A/B (32768: ~15%% of a rank's shard here, the share the\n"
         "library default 2^22 is of a 1B-parameter model's shard on 8 ranks; bounds the step's temporaries)",
+    )
+    p.add_argument(
+        "--fake-collectives",
+        action="store_true",
+        help="run every rank on torch's fake process group (collectives are no-ops; same calls and byte counts):\n"
+        "peak memory without gloo's thread timing, the same in every run (self-spawn only)",
     )
     p.add_argument("--json", default=None, help="also write the per-mode, per-rank numbers to this JSON file")
     args = p.parse_args(argv)
@@ -312,6 +322,8 @@ def worker(args):
     for mode in args.modes.split(","):
         dist.barrier()
         results.append(run_mode(mode, args, counter))
+    if args.fake_collectives:  # nothing crosses ranks: each rank reports its own rows
+        return results
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     return [r for per_rank in gathered for r in per_rank]
@@ -362,9 +374,21 @@ def report(rows, args):
     return summary
 
 
+def use_fake_collectives(rank: int, world: int) -> None:
+    """Replace this process's process group (if any) by torch's fake one: collectives return at once."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        if args.fake_collectives:
+            sys.exit("comm_account: --fake-collectives self-spawns its ranks; run it without torchrun")
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
@@ -390,16 +414,20 @@ def _rank_main(rank, args, store_path, queue):
 
     code = 0
     try:
-        store = dist.FileStore(store_path, args.world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=args.world)
+        if args.fake_collectives:
+            use_fake_collectives(rank, args.world)
+        else:
+            dist.init_process_group(
+                "gloo", store=dist.FileStore(store_path, args.world), rank=rank, world_size=args.world
+            )
         rows = worker(args)
-        if rank == 0:
+        if rank == 0 or args.fake_collectives:
             queue.put(rows)
     except BaseException as e:  # noqa: BLE001
         import traceback
 
         traceback.print_exc()
-        queue.put(e if rank == 0 else None)
+        queue.put(e if rank == 0 or args.fake_collectives else None)
         code = 1
     finally:
         queue.close()
@@ -419,7 +447,8 @@ def _spawn(args):
         procs = [ctx.Process(target=_rank_main, args=(r, args, store, queue)) for r in range(args.world)]
         for p in procs:
             p.start()
-        rows = queue.get()
+        parts = [queue.get() for _ in range(args.world if args.fake_collectives else 1)]
+        rows = next((p for p in parts if not isinstance(p, list)), [r for p in parts for r in p])
         for p in procs:
             p.join()
     if not isinstance(rows, list):

@@ -184,23 +184,32 @@ def _comm_account():
     return module
 
 
-def _comm_body(rank, world):
+def _comm_body(rank, world, fake=False):
     module = _comm_account()
     argv = ["--world", str(world), "--agents", "2", "--modes", "B-sisa,hsdp-adamw", "--steps", "2"]
-    argv += ["--d-model", "64", "--seq", "32", "--batch", "2"]
+    argv += ["--d-model", "64", "--seq", "32", "--batch", "2"] + (["--fake-collectives"] if fake else [])
+    if fake:
+        module.use_fake_collectives(rank, world)
     return module.worker(module.parse_args(argv))
+
+
+def _by_mode(rows):
+    by_mode = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], {})[r["rank"]] = r
+    return by_mode["B-sisa"], by_mode["hsdp-adamw"]
 
 
 @pytest.mark.slow
 def test_mode_b_costs_what_hsdp_adamw_costs():
-    """On the same 2 × 2 mesh (GPT-2 on FSDP2): mode B's bytes sent per step ≤ HSDP-AdamW's on every rank, and its
-    peak live tensor bytes per rank within 5% of HSDP-AdamW's (median over ranks: FSDP's asynchronous all-gather
-    buffers move either mode's per-rank peak by one buffer from run to run). scripts/comm_account.py counts."""
-    rows = run_distributed(_comm_body, 4, timeout=240)[0]  # every rank returns all ranks' rows
-    by_mode = {}
-    for r in rows:
-        by_mode.setdefault(r["mode"], {})[r["rank"]] = r
-    b, h = by_mode["B-sisa"], by_mode["hsdp-adamw"]
+    """On the same 2 × 2 mesh (GPT-2 on FSDP2): mode B's bytes sent per step ≤ HSDP-AdamW's on every rank (real gloo
+    ranks), and its peak live tensor bytes within 5% of HSDP-AdamW's on every rank. The peaks come from the same
+    programs on torch's fake process group: with gloo, a buffer released by a gloo worker thread is freed out of the
+    profiler's sight at a moment set by thread timing, which moved a rank's peak by a buffer or two between runs
+    (1.06x once on a loaded machine); without real collectives every buffer is freed where the program drops it and
+    the peaks are the same in every run. scripts/comm_account.py counts."""
+    b, h = _by_mode(run_distributed(_comm_body, 4, timeout=240)[0])  # every rank returns all ranks' rows
+    fake_b, fake_h = _by_mode([r for rows in run_distributed(_comm_body, 4, True, timeout=240) for r in rows])
     for rank in range(4):
         b_kinds, h_kinds = b[rank]["bytes_per_step"], h[rank]["bytes_per_step"]
         assert sum(b_kinds.values()) <= sum(h_kinds.values()), (rank, b_kinds, h_kinds)
@@ -208,9 +217,6 @@ def test_mode_b_costs_what_hsdp_adamw_costs():
         assert b_kinds["cross:reduce_scatter"] + b_kinds["cross:all_gather"] == h_kinds["cross:all_reduce"]
         assert b_kinds["shard:all_gather"] == h_kinds["shard:all_gather"]
         assert b_kinds["shard:reduce_scatter"] == h_kinds["shard:reduce_scatter"]
-
-    def median_peak(per_rank):
-        peaks = sorted(r["peak_bytes"] for r in per_rank.values())
-        return (peaks[1] + peaks[2]) / 2
-
-    assert median_peak(b) <= 1.05 * median_peak(h), (median_peak(b), median_peak(h))
+        # the fake-collective runs make the same calls
+        assert fake_b[rank]["bytes_per_step"] == b_kinds and fake_h[rank]["bytes_per_step"] == h_kinds
+        assert fake_b[rank]["peak_bytes"] <= 1.05 * fake_h[rank]["peak_bytes"], (rank, fake_b[rank], fake_h[rank])
