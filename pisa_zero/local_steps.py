@@ -19,6 +19,17 @@ matrices inside the agent. At the round's end: one control all-reduce over the w
 round → α_i) and the consensus reduce-scatter + all-gather over the agent group — the same collectives as one
 mode-B step, once per H steps.
 
+Variants (group options; the defaults are the update above, which is what the tests check against):
+
+- ``prox_sigma=σ_p``: σ_p replaces σ in the proximal term, the dual ascent and the consensus; the step's denominator
+  σ + ρq keeps σ (scaled by lr_ref/lr like σ). In steady state a round moves the consensus by about Ō/σ_p, so
+  σ_p ≈ σ/H lets a round do the work of H steps.
+- ``centred_dual=True``: the consensus is the average of the local points, w ← w + (Σ_i α_i σ_p (w_i − w) − λw)/
+  (σ_p + λ), and then π_i ← π_i + σ_p (w_i − w_new), so Σα π = 0 and the duals carry only the drift correction
+  (SCAFFOLD's control variate at the same bytes).
+
+Both are ``pisa_zero.reference.ReferencePISA``'s options of the same names.
+
 Auxiliary AdamW groups take plain AdamW steps on the agent's gradient and meet at the round as w ← Σ_i α_i w_i
 (moments stay per agent).
 
@@ -73,8 +84,10 @@ def local_step(
     second_moments: list[Tensor] | None,
     steps: list[int],
     s: F.StepScalars,
+    prox_sigma: float,
 ) -> None:
-    """One local step in place on plain tensors: w_i ← w_i − h̃/(σ + ρq), h̃ = s + π + σ(w_i − w); π fixed.
+    """One local step in place on plain tensors: w_i ← w_i − h̃/(σ + ρq), h̃ = s + π + σ_p(w_i − w); π fixed
+    (σ_p = σ unless ``prox_sigma`` was asked for).
 
     ``anchors`` (w) may live on another device (CPU): each is streamed to the parameter's device for its tensor.
     """
@@ -84,7 +97,7 @@ def local_step(
             w.mul_(s.decay)
             anchor.mul_(s.decay)
         h = directions[i].float().add(duals[i].float())
-        h.add_(w - anchor.to(w.device, non_blocking=True), alpha=s.sigma)
+        h.add_(w - anchor.to(w.device, non_blocking=True), alpha=prox_sigma)
         if s.preconditioner == "identity":
             d = h.div_(s.sigma + s.rho)
         else:
@@ -208,7 +221,13 @@ class LocalRounds:
             second_moments,
             steps,
             scalars,
+            self.prox_sigma(group),
         )
+
+    def prox_sigma(self, group: dict) -> float:
+        """σ_p of the proximal term, dual ascent and consensus: ``prox_sigma`` (or σ), scaled by lr_ref/lr."""
+        value = group["prox_sigma"] if group["prox_sigma"] is not None else group["sigma"]
+        return value * group["lr_ref"] / group["lr"]
 
     # ---------------------------------------------------------------------------------------------- round end
     def _close_round(self, groups: list[dict]) -> None:
@@ -236,8 +255,7 @@ class LocalRounds:
         states = [opt.state[p] for p in params]
         pisa = group["preconditioner"] != "adamw"
         if pisa:
-            sigma, _ = opt.effective_hyperparameters(group)
-            lam = group["l2_lambda"]
+            sigma, lam, centred = self.prox_sigma(group), group["l2_lambda"], group["centred_dual"]
         gap = torch.zeros((), dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
         m = topo.agents
@@ -253,7 +271,9 @@ class LocalRounds:
                 offset += w.numel()
             views = [buf[o : o + w.numel()].view_as(w) for o, w in zip(offsets, ws)]
             for j, (w, a, view) in enumerate(zip(ws, anchors, views)):
-                if pisa:  # π ← π + σ (w_i − w);  c = α (σ (w_i − w) + π)
+                if pisa and centred:  # c = α σ (w_i − w); π is updated against the new w below
+                    view.copy_(w - a.to(w.device)).mul_(sigma * alpha)
+                elif pisa:  # π ← π + σ (w_i − w);  c = α (σ (w_i − w) + π)
                     dual = _local(states[bucket[j]]["dual"])
                     delta = w - a.to(w.device)
                     dual_f = dual.float().add_(delta, alpha=sigma)
@@ -278,7 +298,10 @@ class LocalRounds:
             topo._sum_across_agents(buf, owner)
             if m > 1:
                 self.cross_agent_bytes += 2 * (m - 1) / m * buf.numel() * buf.element_size()
-            for w, a, view in zip(ws, anchors, views):
+            for j, (w, a, view) in enumerate(zip(ws, anchors, views)):
+                if pisa and centred:  # π ← π + σ (w_i − w_new): the duals keep only the drift correction
+                    dual = _local(states[bucket[j]]["dual"])
+                    dual.copy_(dual.float().add_(w - view, alpha=sigma))
                 gap += _sumsq(w - view)
                 norm += _sumsq(view)
                 w.copy_(view)

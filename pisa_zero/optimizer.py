@@ -106,6 +106,8 @@ class PISA(torch.optim.Optimizer):
             every step and every H-th call closes the round (`pisa_zero.local_steps`, ALGORITHM.md §6). 1 (default)
             is the step above.
         anchor_device: where the round's anchor w lives when H > 1: None (beside the parameter) or "cpu".
+        prox_sigma: H > 1: σ_p of the proximal term, dual ascent and consensus (None: σ); per group.
+        centred_dual: H > 1: consensus = average of the local points, duals keep only the drift correction.
     """
 
     def __init__(
@@ -130,6 +132,8 @@ class PISA(torch.optim.Optimizer):
         consensus=None,
         local_steps: int = 1,
         anchor_device: str | None = None,
+        prox_sigma: float | None = None,
+        centred_dual: bool = False,
     ):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
             raise ValueError(f"PISA: invalid local_steps={local_steps!r}: expected an integer >= 1")
@@ -155,6 +159,10 @@ class PISA(torch.optim.Optimizer):
             ns_steps=ns_steps,
             betas=betas,
         )
+        if local_steps > 1:  # round variants (pisa_zero.local_steps); with H = 1 there is no round to vary
+            defaults.update(prox_sigma=prox_sigma, centred_dual=centred_dual)
+        elif prox_sigma is not None or centred_dual:
+            raise ValueError("PISA: prox_sigma / centred_dual change the local-step round: they need local_steps > 1")
         self.implementation = implementation
         self.state_dtype = state_dtype or torch.float32
         self.skip_nonfinite = skip_nonfinite
@@ -218,6 +226,11 @@ class PISA(torch.optim.Optimizer):
             if not isinstance(group["nesterov"], bool):
                 raise ValueError(f"PISA: invalid nesterov={group['nesterov']!r}{where}: expected True or False")
             _check_range("l2_lambda", group["l2_lambda"], finite_nonneg, "a finite l2_lambda >= 0", where)
+            if group.get("prox_sigma") is not None:
+                ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731
+                _check_range("prox_sigma", group["prox_sigma"], ok, "None or a finite prox_sigma > 0", where)
+            if not isinstance(group.get("centred_dual", False), bool):
+                raise ValueError(f"PISA: invalid centred_dual={group['centred_dual']!r}{where}: expected True or False")
             ns = group["ns_steps"]
             _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
         _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)

@@ -34,6 +34,7 @@ HP = dict(sigma=2.0, rho=20.0, l2_lambda=0.01, eps=1e-8)  # as test_consensus.py
 NS_HP = dict(sigma=10.0, rho=100.0, l2_lambda=0.01, eps=1e-8)  # as test_fsdp.py (NSISA stays non-chaotic)
 ADAMW = dict(lr=3e-3, betas=(0.9, 0.95))
 STEPS, H = 10, 5
+VARIANTS = {"prox": dict(prox_sigma=0.5), "centred": dict(prox_sigma=0.5, centred_dual=True)}
 SIZES2, SIZES4 = [5, 11], [6, 10]
 TOL = 1e-5  # the issue's bound: fp32 round-off, relative
 
@@ -231,6 +232,10 @@ def _body2(rank, world, root):
     # anchor on the CPU: the same bits here (CPU run), the option is accepted and used
     model, opt, _ = _group_run(H, STEPS, anchor_device="cpu")
     out["anchor_cpu"] = _weights(model)
+    # the round variants (options of the same names in pisa_zero.reference)
+    for name, variant in VARIANTS.items():
+        model, opt, _ = _group_run(H, STEPS, **variant)
+        out[name] = _weights(model)
     # a NaN gradient on rank 1 at step 2: agent 1 skips its local step, agent 0 does not; the round still closes
     model = make_model()
     opt = PISA(model.parameters(), consensus=dist.group.WORLD, local_steps=H, implementation="foreach", **HP)
@@ -336,6 +341,12 @@ def test_local_steps_validation():
             PISA(p, consensus=topo, local_steps=bad)
     with pytest.raises(ValueError, match="needs agents"):
         PISA(p, local_steps=2)
+    with pytest.raises(ValueError, match="need local_steps > 1"):
+        PISA(p, consensus=topo, prox_sigma=1.0)
+    with pytest.raises(ValueError, match="prox_sigma=-1"):
+        PISA(p, consensus=topo, local_steps=2, prox_sigma=-1.0)
+    with pytest.raises(ValueError, match="centred_dual=1"):
+        PISA(p, consensus=topo, local_steps=2, centred_dual=1)
     with pytest.raises(ValueError, match="anchor_device='cuda'"):
         PISA(p, consensus=topo, local_steps=2, anchor_device="cuda")
     half = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
@@ -349,7 +360,7 @@ def test_local_steps_validation():
         opt.step()
 
 
-def reference_py_run(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None):
+def reference_py_run(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None, **variant):
     """The same round through pisa_zero.reference.ReferencePISA(local_steps=H) (written by another engineer)."""
     from pisa_zero.reference import ReferencePISA
 
@@ -358,7 +369,7 @@ def reference_py_run(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=
     extra = dict(adamw_lr=adamw["lr"], betas=adamw["betas"]) if adamw else {}
     ref = ReferencePISA(
         [p.detach() for p in model.parameters()], len(sizes), preconditioner=[kinds[n] for n in names],
-        local_steps=local_steps, **hp, **extra,
+        local_steps=local_steps, **hp, **extra, **variant,
     )  # fmt: skip
     pools = agent_pools(len(sizes), heterogeneous)
     for t in range(steps):
@@ -441,6 +452,16 @@ def test_comm_account_cross_agent_bytes_fall_by_h(runs):
             bh["shard:all_gather"] == b["shard:all_gather"] and bh["shard:reduce_scatter"] == b["shard:reduce_scatter"]
         )
         assert "cross:all_reduce" not in bh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_round_variants_match_reference_py(runs, name):
+    two, _ = runs
+    _identical(two, name)
+    args = (STEPS, H, SIZES2, True, kinds_of("sisa"), HP)
+    assert max_rel_err(two[0][name], reference_py_run(*args, **VARIANTS[name])) <= TOL
+    assert max_rel_err(two[0][name], two[0]["group_h5"]) > 1e-3  # the variant changes the run
 
 
 @pytest.mark.slow
