@@ -42,10 +42,19 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+class HyperparameterError(ValueError):
+    """A hyper-parameter PISA refuses; ``key``, ``value`` and ``expected`` let hosts name it in their own terms
+    (the DeepSpeed integration says ``optimizer.params.<key>``)."""
+
+    def __init__(self, key: str, value, expected: str, where: str = ""):
+        super().__init__(f"PISA: invalid {key}={value!r}{where}: expected {expected}")
+        self.key, self.value, self.expected = key, value, expected
+
+
 def _check_range(name: str, value, ok, expected: str, where: str = "") -> None:
-    """ValueError naming the key and value unless ``value`` is a real number (not a str/bool) with ``ok(value)``."""
+    """HyperparameterError unless ``value`` is a real number (not a str/bool) with ``ok(value)``."""
     if not (_is_real(value) and ok(value)):
-        raise ValueError(f"PISA: invalid {name}={value!r}{where}: expected {expected}")
+        raise HyperparameterError(name, value, expected, where)
 
 
 class PISA(torch.optim.Optimizer):
@@ -136,15 +145,15 @@ class PISA(torch.optim.Optimizer):
         centred_dual: bool = False,
     ):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
-            raise ValueError(f"PISA: invalid local_steps={local_steps!r}: expected an integer >= 1")
+            raise HyperparameterError("local_steps", local_steps, "an integer >= 1")
         if local_steps > 1 and consensus is None:
             raise ValueError(f"PISA: local_steps={local_steps} needs agents (mode B): pass consensus=")
         if anchor_device not in LOCAL_ANCHOR_DEVICES:
-            raise ValueError(f"PISA: invalid anchor_device={anchor_device!r}: expected one of {LOCAL_ANCHOR_DEVICES}")
+            raise HyperparameterError("anchor_device", anchor_device, f"one of {LOCAL_ANCHOR_DEVICES}")
         if implementation is not None and implementation not in F.IMPLEMENTATIONS:
-            raise ValueError(f"PISA: invalid implementation={implementation!r}: expected one of {F.IMPLEMENTATIONS}")
+            raise HyperparameterError("implementation", implementation, f"one of {F.IMPLEMENTATIONS}")
         if state_dtype is not None and state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"PISA: invalid state_dtype={state_dtype!r}: expected torch.float32 or torch.bfloat16")
+            raise HyperparameterError("state_dtype", state_dtype, "torch.float32 or torch.bfloat16")
         defaults = dict(
             sigma=sigma,
             rho=rho,
@@ -200,7 +209,7 @@ class PISA(torch.optim.Optimizer):
         write groups); ``where`` names the group in the message."""
         p = group["preconditioner"]
         if p not in PRECONDITIONERS:
-            raise ValueError(f"PISA: invalid preconditioner={p!r}{where}: expected one of {PRECONDITIONERS}")
+            raise HyperparameterError("preconditioner", p, f"one of {PRECONDITIONERS}", where)
         lr = group["lr"]
         finite_nonneg = lambda x: math.isfinite(x) and x >= 0  # noqa: E731
         if p == "adamw":
@@ -208,23 +217,23 @@ class PISA(torch.optim.Optimizer):
             betas = group["betas"]
             pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_real, betas))
             if not (pair and all(0 <= b < 1 for b in betas)):
-                raise ValueError(f"PISA: invalid betas={betas!r}{where}: expected (beta1, beta2), each in [0, 1)")
+                raise HyperparameterError("betas", betas, "(beta1, beta2), each in [0, 1)", where)
         else:
             if lr is not None:
                 _check_range("lr", lr, finite_nonneg, "None or a finite lr >= 0", where)
             _check_range("sigma", group["sigma"], lambda x: math.isfinite(x) and x > 0, "a finite sigma > 0", where)
             _check_range("rho", group["rho"], finite_nonneg, "a finite rho >= 0", where)
             if lr is None and group["sigma"] + group["rho"] <= 0:
-                raise ValueError(f"PISA: invalid lr=None{where}: expected an explicit lr (sigma + rho is 0)")
+                raise HyperparameterError("lr", None, "an explicit lr (sigma + rho is 0)", where)
             if lr == 0 and "lr_ref" not in group:
-                raise ValueError(f"PISA: invalid lr=0{where} at construction: the reference lr must be > 0")
+                raise HyperparameterError("lr", lr, "a reference lr > 0 at construction", where)
             if "lr_ref" in group:
                 ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731
                 _check_range("lr_ref", group["lr_ref"], ok, "a finite reference lr > 0", where)
             _check_range("beta2", group["beta2"], lambda x: 0 <= x < 1, "beta2 in [0, 1)", where)
             _check_range("momentum", group["momentum"], lambda x: 0 <= x < 1, "momentum in [0, 1)", where)
             if not isinstance(group["nesterov"], bool):
-                raise ValueError(f"PISA: invalid nesterov={group['nesterov']!r}{where}: expected True or False")
+                raise HyperparameterError("nesterov", group["nesterov"], "True or False", where)
             _check_range("l2_lambda", group["l2_lambda"], finite_nonneg, "a finite l2_lambda >= 0", where)
             if group.get("prox_sigma") is not None:
                 ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731

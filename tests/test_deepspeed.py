@@ -77,9 +77,11 @@ def reference(cfg, steps, world=2):
         ({"param_groups": "auto", "other_options": {"lrr": 1e-3}}, "lrr"),
         ({"param_groups": "auto", "other_options": {"betas": [0.9, 1.2]}}, "betas"),
         ({"state_dtype": "float8"}, "state_dtype"),
-        ({"sigma": "thirty"}, "sigma='thirty'"),  # was "must be real number, not str" (no key)
-        ({"lr": "abc"}, "lr='abc'"),
-        ({"param_groups": "auto", "other_options": {"lr": "abc"}}, "lr='abc'"),
+        ({"sigma": "thirty"}, r"optimizer\.params\.sigma='thirty'"),  # was "must be real number, not str" (no key)
+        ({"lr": "abc"}, r"optimizer\.params\.lr='abc'"),
+        ({"nesterov": "yes"}, r"optimizer\.params\.nesterov='yes'"),
+        ({"param_groups": "auto", "other_options": {"lr": "abc"}}, r"optimizer\.params\.other_options\.lr='abc'"),
+        ({"param_groups": "auto", "other_options": {"betas": 0.9}}, r"optimizer\.params\.other_options\.betas=0\.9"),
     ],
 )
 def test_bad_optimizer_params_fail_fast(params, match):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...optimizer import PISA
+from ...optimizer import PISA, HyperparameterError
 from ...param_groups import param_groups as _auto_param_groups
 from .layout import check_deepspeed_version
 
@@ -126,7 +126,7 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
                 f"pisa_zero.deepspeed: unknown key optimizer.params.other_options.{key!r}; "
                 f"expected one of {list(GROUP_OPTION_KEYS)}"
             )
-    if "betas" in other_options:
+    if isinstance(other_options.get("betas"), list):  # anything else is PISA's to refuse, by name
         other_options["betas"] = tuple(other_options["betas"])
     other = params.get("other_preconditioner", "adamw")
     if other == "adamw":
@@ -156,6 +156,10 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
             )
         else:
             PISA([torch.zeros(2, 2)], **kwargs, **dummy)
+    except HyperparameterError as e:  # the JSON path of the key, not PISA's dummy param group
+        key = f"other_options.{e.key}" if auto and e.key in other_options else e.key
+        message = f"pisa_zero.deepspeed: invalid optimizer.params.{key}={e.value!r}: expected {e.expected}"
+        raise ValueError(message) from e
     except (ValueError, TypeError) as e:
         raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params: {e}") from e
     return spec
