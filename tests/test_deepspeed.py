@@ -9,8 +9,10 @@ asserted bounds are the issue's (≤ 1e-6 relative in fp32).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,6 +281,7 @@ def test_checkpoint_resume_convert_and_export():
             )  # fmt: skip
             cfg1 = dict(cfg, train_batch_size=C.MICRO * 2, gradient_accumulation_steps=2)
             jobs1.append((k, "load_converted", {"cfg": cfg1, "folder": out, "steps_after": 4, "start": 4}))
+        _nonfinite_checkpoints_are_refused(os.path.join(tmp, "z2"), os.path.join(tmp, "z2_uni"))
         res1 = run_distributed(_many_k, 1, jobs1, timeout=300)[0]
         for k in cfgs:
             r, r1 = res[k], res1[k]
@@ -298,6 +301,31 @@ def test_checkpoint_resume_convert_and_export():
             assert err <= FP32_TOL, (k, err)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nonfinite_checkpoints_are_refused(zero_dir, converted):
+    """A NaN in a ZeRO file is not converted, and a NaN in a converted file is not loaded: both named."""
+    from pisa_zero.integrations.deepspeed import checkpoint as ds_checkpoint
+
+    bad = zero_dir + "_nan"
+    shutil.copytree(zero_dir, bad)
+    optim_file = sorted(glob.glob(os.path.join(bad, "t", "*optim_states.pt")))[0]
+    sd = torch.load(optim_file, weights_only=False)
+    state = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    with torch.no_grad():
+        next(iter(state.values()))["dual"].view(-1)[0] = float("nan")
+    torch.save(sd, optim_file)
+    with pytest.raises(ValueError, match=r"dual holds inf/NaN; refusing to convert"):
+        ds_checkpoint.convert_checkpoint(bad, bad + "_uni", tag="t")
+    assert not os.path.exists(bad + "_uni")
+    name = sorted(os.listdir(os.path.join(converted, "zero")))[0]
+    file = os.path.join(converted + "_nan", "zero", name, "fp32.pt")
+    shutil.copytree(converted, converted + "_nan")
+    t = torch.load(file)["param"].detach()
+    t.view(-1)[0] = float("inf")
+    torch.save({"param": t}, file)
+    with pytest.raises(ValueError, match=re.escape(file) + r" holds inf/NaN"):
+        ds_checkpoint._read_param(converted + "_nan", name)
 
 
 @pytest.mark.slow

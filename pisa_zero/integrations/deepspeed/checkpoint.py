@@ -162,6 +162,10 @@ def convert_checkpoint(checkpoint_dir: str, output_dir: str, tag: str | None = N
         raise ValueError(f"pisa_zero: unsupported zero_stage {stage!r} in {folder}")
     if model_state.get("frozen_param_shapes"):
         raise ValueError("pisa_zero: checkpoints with frozen parameters are not supported by this converter yet")
+    for name, entry in params.items():  # a diverged or corrupted checkpoint is not converted into a usable-looking one
+        for key, t in entry.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"pisa_zero: {folder}: {name} {key} holds inf/NaN; refusing to convert it")
     meta = {
         "format": FORMAT,
         "source_world_size": len(optim),
@@ -197,7 +201,14 @@ def _read_param(folder: str, name: str) -> dict[str, torch.Tensor]:
     d = os.path.join(folder, "zero", name)
     if not os.path.isdir(d):
         raise ValueError(f"pisa_zero: parameter {name!r} is not in the converted checkpoint {folder}")
-    return {f[:-3]: _load(os.path.join(d, f))["param"] for f in sorted(os.listdir(d)) if f.endswith(".pt")}
+    entry = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".pt"):
+            t = _load(os.path.join(d, f))["param"]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"pisa_zero: {os.path.join(d, f)} holds inf/NaN (corrupted, or from a diverged run)")
+            entry[f[:-3]] = t
+    return entry
 
 
 @torch.no_grad()
