@@ -7,6 +7,7 @@
         return something_picklable
 
     results = run_distributed(body, 4, x, timeout=120)   # one result per rank, in rank order
+    runs = run_scenarios({"a": body_a, "b": body_b}, 4, x)   # one launch; runs["a"] = scenario a's per-rank results
 
 Each rank gets ``OMP_NUM_THREADS=1`` and a FileStore rendezvous in a fresh temporary directory (no port races), and
 ends with ``dist.destroy_process_group()`` then ``os._exit`` so gloo cannot abort at interpreter exit. A rank that
@@ -97,3 +98,38 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
             head = f"distributed run of {fn.__name__} on {world_size} ranks failed:\n"
             raise AssertionError(head + "\n".join(errors))
         return results
+
+
+def _every_scenario(rank: int, world_size: int, scenarios: dict, args, kwargs) -> dict:
+    out = {}
+    for name, fn in scenarios.items():
+        try:
+            out[name] = ("ok", fn(rank, world_size, *args, **kwargs))
+        except Exception:  # noqa: BLE001 - reported as that scenario's failure; the others still run
+            out[name] = ("error", traceback.format_exc())
+        dist.barrier()  # the next scenario starts together on every rank
+    return out
+
+
+class ScenarioResults:
+    """What `run_scenarios` returns: ``results[name]`` is that scenario's per-rank list, or an AssertionError with
+    the traceback of every rank where it raised."""
+
+    def __init__(self, per_rank: list[dict], world_size: int):
+        self._per_rank, self._world_size = per_rank, world_size
+
+    def __getitem__(self, name: str) -> list:
+        errors = [f"rank {r}:\n{v}" for r, out in enumerate(self._per_rank) for s, v in [out[name]] if s == "error"]
+        if errors:
+            raise AssertionError(f"scenario {name!r} on {self._world_size} ranks failed:\n" + "\n".join(errors))
+        return [out[name][1] for out in self._per_rank]
+
+
+def run_scenarios(scenarios: dict[str, Callable], world_size: int, *args, timeout: float = 180.0, **kwargs):
+    """Run every ``scenarios[name](rank, world_size, *args, **kwargs)`` in ONE launch of ``world_size`` ranks, in
+    order, each rank catching each scenario's exception so that one failing scenario does not hide the others (a
+    scenario that leaves the other ranks blocked in a collective still ends the launch at ``timeout``). Tests read
+    ``results[name]`` — one test id per scenario, one process group per world size (see a module-scoped fixture)."""
+    return ScenarioResults(
+        run_distributed(_every_scenario, world_size, scenarios, args, kwargs, timeout=timeout), world_size
+    )

@@ -4,6 +4,7 @@ Plain (unsharded, k = 1) models here; FSDP2 (k > 1, NSISA routing, mode A) is in
 one spawned process group per world size, and compares in the parent with a float64 reference.
 """
 
+import functools
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ from _consensus_common import (  # noqa: E402
     max_rel_err,
     reference_run,
 )
-from distributed import run_distributed  # noqa: E402
+from distributed import run_distributed, run_scenarios  # noqa: E402
 
 from pisa_zero import PISA  # noqa: E402
 from pisa_zero.consensus import AgentTopology  # noqa: E402
@@ -67,88 +68,144 @@ def _weights(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def _body(rank, world, steps):
-    out = {}
+STEPS = 10
+SIZES = [5, 11, 8, 3]
+
+
+def _topology(rank, world):
     topo = AgentTopology.build(agents=world)
     assert (topo.agents, topo.shard_size, topo.agent_index) == (world, 1, rank)
-    sizes = [5, 11, 8, 3][:world]
-    model, _, alphas = _train(topo, steps, sizes, heterogeneous=False, mixed=False)
-    out["iid_sisa"] = _weights(model)
-    out["alphas"] = alphas
-    model, _, _ = _train(topo, steps, sizes, heterogeneous=True, mixed=True)
-    out["hetero_nsisa"] = _weights(model)
-    if world == 2:
-        # PISA(consensus=<process group>): every rank one agent, the same bits as the topology
-        group_topo = PISA([torch.nn.Parameter(torch.zeros(1))], consensus=torch.distributed.group.WORLD).consensus
-        model, _, _ = _train(group_topo, steps, sizes, heterogeneous=False, mixed=False)
-        out["group"] = _weights(model)
-        fresh = AgentTopology.build(agents=world)  # set_local_batch_size never called on it
-        model, _, alphas = _train(fresh, steps, sizes, heterogeneous=False, mixed=False, set_sizes=False)
-        out["equal"] = _weights(model)
-        out["equal_alphas"] = alphas
-        # a NaN gradient on rank 1 at step 2: every agent skips that step (no deadlock, no state touched)
-        model, opt, _ = _train(topo, 4, sizes, heterogeneous=False, mixed=False, nan_at=(2, 1))
-        out["nan"] = (_weights(model), opt.nonfinite_steps_skipped, int(opt.state[model.inp.weight]["step"]))
-        # bf16 parameters: fp32 master slice on its owner only, bf16 all-gather
-        model, opt, _ = _train(topo, steps, sizes, heterogeneous=False, mixed=False, dtype=torch.bfloat16)
-        out["bf16"] = (_weights(model), sum(t.numel() for t in topo._masters.values()))
-        # fp64 parameters: fp64 arithmetic, buffers and state (no fp32 master), the reference to 1e-10
-        model, _, _ = _train(topo, steps, sizes, heterogeneous=False, mixed=False, dtype=torch.float64)
-        out["fp64"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return out
+    return topo
 
 
-def _check_identical(results, key):
-    for r in results[1:]:
-        for n, w in results[0][key].items():
-            assert torch.equal(w, r[key][n]), f"{key}: agents disagree on {n} (not bitwise identical)"
+def _iid_sisa(rank, world, steps):
+    model, _, alphas = _train(_topology(rank, world), steps, SIZES[:world], heterogeneous=False, mixed=False)
+    return _weights(model), alphas
+
+
+def _hetero_nsisa(rank, world, steps):
+    model, _, _ = _train(_topology(rank, world), steps, SIZES[:world], heterogeneous=True, mixed=True)
+    return _weights(model)
+
+
+def _group(rank, world, steps):
+    # PISA(consensus=<process group>): every rank one agent, the same bits as the topology
+    topo = PISA([torch.nn.Parameter(torch.zeros(1))], consensus=torch.distributed.group.WORLD).consensus
+    model, _, _ = _train(topo, steps, SIZES[:world], heterogeneous=False, mixed=False)
+    return _weights(model)
+
+
+def _equal(rank, world, steps):
+    fresh = _topology(rank, world)  # set_local_batch_size never called on it
+    model, _, alphas = _train(fresh, steps, SIZES[:world], heterogeneous=False, mixed=False, set_sizes=False)
+    return _weights(model), alphas
+
+
+def _nan(rank, world, steps):
+    # a NaN gradient on rank 1 at step 2: every agent skips that step (no deadlock, no state touched)
+    model, opt, _ = _train(_topology(rank, world), 4, SIZES[:world], heterogeneous=False, mixed=False, nan_at=(2, 1))
+    return _weights(model), opt.nonfinite_steps_skipped, int(opt.state[model.inp.weight]["step"])
+
+
+def _bf16(rank, world, steps):
+    # bf16 parameters: fp32 master slice on its owner only, bf16 all-gather
+    topo = _topology(rank, world)
+    model, _, _ = _train(topo, steps, SIZES[:world], heterogeneous=False, mixed=False, dtype=torch.bfloat16)
+    return _weights(model), sum(t.numel() for t in topo._masters.values())
+
+
+def _fp64(rank, world, steps):
+    # fp64 parameters: fp64 arithmetic, buffers and state (no fp32 master), the reference to 1e-10
+    model, _, _ = _train(
+        _topology(rank, world), steps, SIZES[:world], heterogeneous=False, mixed=False, dtype=torch.float64
+    )
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# One process group per world size runs every scenario (fixture below); each scenario is its own test id.
+SCENARIOS = {
+    2: {"iid_sisa": _iid_sisa, "hetero_nsisa": _hetero_nsisa, "group": _group, "equal": _equal, "nan": _nan,
+        "bf16": _bf16, "fp64": _fp64},
+    4: {"iid_sisa": _iid_sisa, "hetero_nsisa": _hetero_nsisa},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agent_runs():
+    runs = {}
+
+    def results(world):
+        if world not in runs:
+            runs[world] = run_scenarios(SCENARIOS[world], world, STEPS, timeout=240)
+        return runs[world]
+
+    return results
+
+
+@functools.cache
+def _reference(steps, agents, alphas=None):
+    sizes = SIZES[:agents]
+    return reference_run(steps, agents, sizes, False, "sisa", HP, alphas=None if alphas is None else list(alphas))
+
+
+def _check_identical(per_rank, key):
+    for r in per_rank[1:]:
+        for n, w in per_rank[0].items():
+            assert torch.equal(w, r[n]), f"{key}: agents disagree on {n} (not bitwise identical)"
+
+
+def _check(runs, world, name):
+    per_rank = runs(world)[name]
+    sizes = SIZES[:world]
+    ref = _reference(STEPS, world)
+    if name == "iid_sisa":
+        _check_identical([w for w, _ in per_rank], name)
+        # α from the real batch sizes (all-reduced)
+        assert [alphas[-1] for _, alphas in per_rank] == pytest.approx([s / sum(sizes) for s in sizes])
+        assert max_rel_err(per_rank[0][0], ref) <= TOL
+    elif name == "hetero_nsisa":
+        _check_identical(per_rank, name)
+        assert_matches_reference(per_rank[0], STEPS, world, sizes, True, is_matrix, HP)
+    elif name == "group":
+        for n, w in runs(world)["iid_sisa"][0][0].items():
+            assert torch.equal(per_rank[0][n], w)
+    elif name == "equal":
+        _check_identical([w for w, _ in per_rank], name)
+        assert per_rank[0][1][-1] == 0.5  # equal weights when never set
+        assert max_rel_err(per_rank[0][0], _reference(STEPS, world, alphas=(1, 1))) <= TOL
+        # unequal α matters: the equal-weight run is far from the α-weighted reference
+        assert max_rel_err(per_rank[0][0], ref) > 100 * TOL
+    elif name == "nan":
+        # non-finite gradient on one rank: both skip the same step, step counters agree
+        for _, skipped, step in per_rank:
+            assert (skipped, step) == (1, 3)
+        _check_identical([w for w, _, _ in per_rank], name)
+        # steps 0, 1, 3 were taken (step 2 skipped): compare with a reference that saw batches 0, 1, 3
+        assert all(math.isfinite(w.sum().item()) for w in per_rank[0][0].values())
+        assert max_rel_err(per_rank[0][0], _reference(3, world)) < 0.5  # sanity: finite and close to the 3-step point
+    elif name == "bf16":
+        # bf16 params: the fp32 master lives in halves (one slice per agent), the result tracks the reference
+        _check_identical([w for w, _ in per_rank], name)
+        n_params = sum(w.numel() for w in ref.values())
+        assert per_rank[0][1] == math.ceil(n_params / 2)
+        assert max_rel_err(per_rank[0][0], ref) <= 2e-2
+    elif name == "fp64":
+        _check_identical(per_rank, name)
+        assert max_rel_err(per_rank[0], ref) <= 1e-10
+    else:
+        raise AssertionError(f"no check for scenario {name!r}")
 
 
 @pytest.mark.slow
-def test_mode_b_two_agents_matches_reference():
-    steps = 10
-    results = run_distributed(_body, 2, steps, timeout=240)
-    for key in ("iid_sisa", "hetero_nsisa", "equal", "bf16"):
-        _check_identical([{k: v[0] if k == "bf16" else v for k, v in r.items()} for r in results], key)
-    sizes = [5, 11]
-    # α from the real batch sizes (all-reduced), equal weights when never set
-    assert results[0]["alphas"][-1] == pytest.approx(5 / 16) and results[1]["alphas"][-1] == pytest.approx(11 / 16)
-    assert results[0]["equal_alphas"][-1] == 0.5
-    ref = reference_run(steps, 2, sizes, False, "sisa", HP)
-    assert max_rel_err(results[0]["iid_sisa"], ref) <= TOL
-    for n, w in results[0]["iid_sisa"].items():
-        assert torch.equal(results[0]["group"][n], w)
-    ref_equal = reference_run(steps, 2, sizes, False, "sisa", HP, alphas=[1, 1])
-    assert max_rel_err(results[0]["equal"], ref_equal) <= TOL
-    # unequal α matters: the equal-weight run is far from the α-weighted reference
-    assert max_rel_err(results[0]["equal"], ref) > 100 * TOL
-    assert_matches_reference(results[0]["hetero_nsisa"], steps, 2, sizes, True, is_matrix, HP)
-    # non-finite gradient on one rank: both skip the same step, step counters agree
-    for r in results:
-        _, skipped, step = r["nan"]
-        assert (skipped, step) == (1, 3)
-    _check_identical([{"nan": r["nan"][0]} for r in results], "nan")
-    ref3 = reference_run(3, 2, sizes, False, "sisa", HP)
-    # steps 0, 1, 3 were taken (step 2 skipped): compare with a reference that saw batches 0, 1, 3
-    assert all(math.isfinite(w.sum().item()) for w in results[0]["nan"][0].values())
-    assert max_rel_err(results[0]["nan"][0], ref3) < 0.5  # sanity: finite and close to the 3-step point
-    # bf16 params: the fp32 master lives in halves (one slice per agent), the result tracks the reference
-    n_params = sum(w.numel() for w in ref.values())
-    assert results[0]["bf16"][1] == math.ceil(n_params / 2)
-    assert max_rel_err(results[0]["bf16"][0], ref) <= 2e-2
-    assert max_rel_err(results[0]["fp64"], ref) <= 1e-10
+@pytest.mark.parametrize("name", list(SCENARIOS[2]))
+def test_mode_b_two_agents_matches_reference(agent_runs, name):
+    _check(agent_runs, 2, name)
 
 
 @pytest.mark.slow
-def test_mode_b_four_agents_matches_reference():
-    steps = 10
-    results = run_distributed(_body, 4, steps, timeout=240)
-    _check_identical(results, "iid_sisa")
-    _check_identical(results, "hetero_nsisa")
-    sizes = [5, 11, 8, 3]
-    assert [r["alphas"][-1] for r in results] == pytest.approx([s / 27 for s in sizes])
-    assert max_rel_err(results[0]["iid_sisa"], reference_run(steps, 4, sizes, False, "sisa", HP)) <= TOL
-    assert_matches_reference(results[0]["hetero_nsisa"], steps, 4, sizes, True, is_matrix, HP)
+@pytest.mark.parametrize("name", list(SCENARIOS[4]))
+def test_mode_b_four_agents_matches_reference(agent_runs, name):
+    _check(agent_runs, 4, name)
 
 
 def test_topology_single_process_and_validation():

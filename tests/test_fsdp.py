@@ -18,7 +18,7 @@ from _consensus_common import (  # noqa: E402
     max_rel_err,
     rank_batch,
 )
-from distributed import run_distributed  # noqa: E402
+from distributed import run_scenarios  # noqa: E402
 
 from pisa_zero import PISA  # noqa: E402
 from pisa_zero.consensus import AgentTopology  # noqa: E402
@@ -164,65 +164,87 @@ def route_matrices():
     return worst
 
 
-def _body(rank, world, steps):
-    out = {"mode_a_sisa": train_mode_a(steps, "all-sisa"), "mode_a_nsisa_adamw": train_mode_a(steps, "adamw")}
-    sizes = [6, 10] if world == 4 else [5, 11]
-    sizes_b = [s * (world // 2) for s in sizes]  # k = world/2 ranks per agent split the agent batch
-    out["b_nsisa_sisa"] = train_mode_b(2, steps, sizes_b, True, lambda m: make_groups(m, "sisa"))
-    out["b_nsisa_adamw"] = train_mode_b(2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"))
-    if world == 4:
-        out["b4_nsisa_sisa"] = train_mode_b(4, steps, [5, 11, 8, 3], True, lambda m: make_groups(m, "sisa"))
-        out["b_one_row_head"] = train_one_row_head(3)
-        out["route_err"] = route_matrices()
-        out["b_bf16_offload"] = train_mode_b(
-            2, steps, sizes_b, True, lambda m: make_groups(m, "adamw"), param_dtype=torch.bfloat16, cpu_offload=True
-        )
-    return out
-
-
-def _identical_across_agents(results, key):
-    for r in results[1:]:
-        for n, w in results[0][key].items():
-            assert torch.equal(w, r[key][n]), f"{key}: ranks disagree on {n}"
-
-
-def _check(results, world, steps):
-    assert max(r.pop("route_err", 0.0) for r in results) <= 1e-6  # owner-routed NS == whole-matrix NS
-    for key in results[0]:
-        _identical_across_agents(results, key)
-    # mode A == single-process PISA on the same global batch
-    assert (
-        max_rel_err(results[0]["mode_a_sisa"], {k: v.double() for k, v in single_process(steps, "all-sisa").items()})
-        <= 1e-6
-    )
-    single = {k: v.double() for k, v in single_process(steps, "adamw").items()}
-    err_a = max_rel_err(results[0]["mode_a_nsisa_adamw"], single)
-    sizes = [6, 10] if world == 4 else [5, 11]
-    sizes_b = [s * (world // 2) for s in sizes]
-    assert_matches_reference(results[0]["b_nsisa_sisa"], steps, 2, sizes_b, True, kinds, HP)
-    ref = two_agent_nsisa_adamw_reference(steps, sizes_b, True)
-    err_b = max_rel_err(results[0]["b_nsisa_adamw"], ref)
-    if world == 4:
-        assert_matches_reference(results[0]["b4_nsisa_sisa"], steps, 4, [5, 11, 8, 3], True, kinds, HP)
-        err_bf16 = max_rel_err(results[0]["b_bf16_offload"], ref)
-        assert err_bf16 <= 0.15, f"bf16 params + CPU offload drift {err_bf16:.3g} from the fp64 reference"
-    return err_a, err_b
-
-
 STEPS = 20
 
 
-@pytest.mark.slow
-def test_fsdp2_two_ranks():
-    results = run_distributed(_body, 2, STEPS, timeout=300)
-    err_a, err_b = _check(results, 2, STEPS)
-    print(f"2 ranks: mode A nsisa+adamw vs single-process {err_a:.3g}; mode B nsisa+adamw vs reference {err_b:.3g}")
-    assert err_a <= 2e-5 and err_b <= 3e-5, (err_a, err_b)
+def _sizes_b(world):
+    return [s * (world // 2) for s in ([6, 10] if world == 4 else [5, 11])]  # k = world/2 ranks split an agent batch
+
+
+def _mode_b(agents, sizes, groups, **kwargs):
+    return lambda rank, world, steps: train_mode_b(agents, steps, sizes(world), True, groups, **kwargs)
+
+
+SISA_REST = lambda m: make_groups(m, "sisa")  # noqa: E731
+ADAMW_REST = lambda m: make_groups(m, "adamw")  # noqa: E731
+# Every scenario runs in one process group per world size (fixture below); each is its own test id.
+SCENARIOS = {
+    "mode_a_sisa": lambda rank, world, steps: train_mode_a(steps, "all-sisa"),
+    "mode_a_nsisa_adamw": lambda rank, world, steps: train_mode_a(steps, "adamw"),
+    "b_nsisa_sisa": _mode_b(2, _sizes_b, SISA_REST),
+    "b_nsisa_adamw": _mode_b(2, _sizes_b, ADAMW_REST),
+}
+FOUR_RANK_SCENARIOS = {
+    "b4_nsisa_sisa": _mode_b(4, lambda world: [5, 11, 8, 3], SISA_REST),
+    "b_one_row_head": lambda rank, world, steps: train_one_row_head(3),
+    "route_matrices": lambda rank, world, steps: route_matrices(),
+    "b_bf16_offload": _mode_b(2, _sizes_b, ADAMW_REST, param_dtype=torch.bfloat16, cpu_offload=True),
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs():
+    runs = {}
+
+    def results(world):
+        if world not in runs:
+            scenarios = {**SCENARIOS, **(FOUR_RANK_SCENARIOS if world == 4 else {})}
+            runs[world] = run_scenarios(scenarios, world, STEPS, timeout=300)
+        return runs[world]
+
+    return results
+
+
+def _identical_across_ranks(results, key):
+    for r in results[1:]:
+        for n, w in results[0].items():
+            assert torch.equal(w, r[n]), f"{key}: ranks disagree on {n}"
+
+
+def _check(name, results, world, steps):
+    if name == "route_matrices":
+        assert max(results) <= 1e-6  # owner-routed NS == whole-matrix NS
+        return
+    _identical_across_ranks(results, name)
+    got = results[0]
+    if name == "mode_a_sisa":  # mode A == single-process PISA on the same global batch
+        single = {k: v.double() for k, v in single_process(steps, "all-sisa").items()}
+        assert max_rel_err(got, single) <= 1e-6
+    elif name == "mode_a_nsisa_adamw":
+        err_a = max_rel_err(got, {k: v.double() for k, v in single_process(steps, "adamw").items()})
+        print(f"{world} ranks: mode A nsisa+adamw vs single-process {err_a:.3g}")
+        assert err_a <= 2e-5, err_a
+    elif name == "b_nsisa_sisa":
+        assert_matches_reference(got, steps, 2, _sizes_b(world), True, kinds, HP)
+    elif name == "b_nsisa_adamw":
+        err_b = max_rel_err(got, two_agent_nsisa_adamw_reference(steps, _sizes_b(world), True))
+        print(f"{world} ranks: mode B nsisa+adamw vs reference {err_b:.3g}")
+        assert err_b <= 3e-5, err_b
+    elif name == "b4_nsisa_sisa":
+        assert_matches_reference(got, steps, 4, [5, 11, 8, 3], True, kinds, HP)
+    elif name == "b_bf16_offload":
+        err_bf16 = max_rel_err(got, two_agent_nsisa_adamw_reference(steps, _sizes_b(world), True))
+        assert err_bf16 <= 0.15, f"bf16 params + CPU offload drift {err_bf16:.3g} from the fp64 reference"
+    # b_one_row_head: identical on every rank (above) is the check
 
 
 @pytest.mark.slow
-def test_fsdp2_four_ranks():
-    results = run_distributed(_body, 4, STEPS, timeout=300)
-    err_a, err_b = _check(results, 4, STEPS)
-    print(f"4 ranks: mode A nsisa+adamw vs single-process {err_a:.3g}; mode B nsisa+adamw vs reference {err_b:.3g}")
-    assert err_a <= 2e-5 and err_b <= 3e-5, (err_a, err_b)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fsdp2_two_ranks(fsdp2_runs, name):
+    _check(name, fsdp2_runs(2)[name], 2, STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCENARIOS) + list(FOUR_RANK_SCENARIOS))
+def test_fsdp2_four_ranks(fsdp2_runs, name):
+    _check(name, fsdp2_runs(4)[name], 4, STEPS)
