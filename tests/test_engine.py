@@ -211,18 +211,23 @@ def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
         "0",
         "--schedule",
         "constant",
+        "--log-interval",
+        "1",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "sig.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while not (out / "tensorboard").exists() and time.time() < deadline:
-            time.sleep(0.5)
-        time.sleep(3)
+        # signal once a step has completed (a fixed sleep after start-up raced the first step on a loaded machine)
+        deadline = time.time() + 300
+        while "step 1/" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    stdout = log_path.read_text()
     assert proc.returncode == 130, stdout
     assert "stopped at step" in stdout and "(signal)" in stdout
     tag = (out / "checkpoints" / "latest").read_text().strip()
