@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 import pisa_zero
+from engine.flags import BASELINE_FLAGS, PISA_FLAGS
 from pisa_zero import checkpoint
 from pisa_zero.consensus import AgentTopology
 from pisa_zero.deepspeed import initialize as pisa_initialize
+from pisa_zero.functional import all_finite
 from pisa_zero.integrations.fsdp import prepare
 from pisa_zero.monitor import Diagnostics, all_reduce_sum, find_pisa, global_norm
 from pisa_zero.param_groups import split_parameters
@@ -112,6 +114,9 @@ class Single:
 
     def grads_finite(self) -> bool:
         return pisa_zero.grads_are_finite(self.params())
+
+    def weights_finite(self) -> bool:
+        return weights_finite(self.params())
 
     def grad_norm(self) -> float:
         return global_norm([p.grad for p in self.params()])
@@ -236,6 +241,10 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
             "under DeepSpeed the config's type selects the optimizer; change one of them"
         )
     args.optimizer = kind
+    for flag in sorted(set(PISA_FLAGS if kind != "pisa" else BASELINE_FLAGS) & explicit):
+        raise ValueError(f"--{flag.replace('_', '-')} has no effect with {source}'s optimizer.type={opt['type']!r}")
+    if kind != "pisa" and args.agents > 1:
+        raise ValueError(f"--agents {args.agents} is PISA's mode B; {source}'s optimizer.type={opt['type']!r}")
     params = opt.setdefault("params", {})
     if kind == "pisa":
         _override(params, explicit, args, [(k, k) for k in ("sigma", "rho", "momentum", "beta2", "l2_lambda")])
@@ -348,6 +357,12 @@ class DeepSpeed:
             finite = all_reduce_sum([0.0 if finite else 1.0], device=self.engine.device)[0].item() == 0
         return finite
 
+    def params(self):
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def weights_finite(self) -> bool:
+        return weights_finite(self.params())
+
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -384,6 +399,13 @@ class DeepSpeed:
         if load_path is None:
             raise ValueError(f"invalid --resume={path!r}: DeepSpeed found no checkpoint there")
         return client.get("extra", {})
+
+
+def weights_finite(params) -> bool:
+    """Every rank's local weights (DTensor shards, ZeRO-3 partitions, whole tensors) are finite (one all-reduce)."""
+    local = [p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p) for p in params]
+    bad = 0.0 if all_finite([t for t in local if t.numel()]) else 1.0
+    return all_reduce_sum([bad], device=local[0].device if local else None)[0].item() == 0
 
 
 def barrier():

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 
+from engine.backends import barrier
+
 RUN_FILE = "run.json"
 _STEP = re.compile(r"step_\d{6}")
 
@@ -118,7 +120,7 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(backend, args, rank: int, step: int, extra: dict, run: dict, barrier) -> str:
+def save(backend, args, rank: int, step: int, extra: dict, run: dict) -> str:
     """Write checkpoints/step_NNNNNN, its run.json, then point ``latest`` at it (each atomically), then prune."""
     folder = root(args)
     tag = f"step_{step:06d}"

@@ -1,28 +1,27 @@
-"""Pretrain a transformer with PISA on DeepSpeed, FSDP2 or one process.
+"""Pretrain a transformer with PISA (or the AdamW / Muon baselines) on DeepSpeed, FSDP2 or one process.
 
     deepspeed --num_gpus 2 engine/train.py --deepspeed_config configs/pisa_zero3.json [flags]
     torchrun --nproc_per_node 2 engine/train.py --backend fsdp2 [--agents M] [flags]
     python engine/train.py --backend single [flags]
 
-(CPU-only machine: prefix the deepspeed command with DS_ACCELERATOR=cpu.) With no --data it trains on the embedded
-default corpus: the Python standard library's own source, byte-level (vocabulary 256), built once and cached.
-Writes TensorBoard logs to <out-dir>/tensorboard and checkpoints to <out-dir>/checkpoints/step_NNNNNN
-(``latest`` names the newest complete one). Ctrl-C stops cleanly after writing a final checkpoint.
+One optimizer step: ``train_step`` (lr schedule, forward/backward over the micro-steps, one all-reduce of loss and
+flags, step or skip on every rank) → ``log`` → ``evaluate_and_checkpoint`` → stop? Flags: engine/flags.py; back ends:
+engine/backends.py; checkpoints: engine/checkpoints.py; stops: engine/stops.py; the fault-injection aid:
+engine/faults.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # `python engine/train.py` / `deepspeed engine/train.py`: make `engine` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,11 +32,17 @@ import torch.nn.functional as F
 
 from engine import backends, checkpoints
 from engine.data import Batches, load_corpus, partition_domains, val_windows
-from engine.models import FAMILIES, SIZES, build_model, count_parameters
+from engine.faults import Faults
+from engine.flags import parse_args
+from engine.models import build_model, count_parameters
+from engine.stops import StopRequest
 from pisa_zero.monitor import TensorBoard, all_reduce_sum, peak_memory_mb
 
 # torch's collectives warn on every call about their own renames; keep the console readable
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+EXIT_NONFINITE = 3  # --max-nonfinite consecutive skips, or a non-finite step DeepSpeed's own optimizer cannot skip
+EXIT_NONFINITE_VAL = 4  # the validation loss is inf/NaN: the weights are gone; nothing of them is published
 
 
 def progress_fields(train_loss: float, tokens_per_s: float, val_loss: float) -> dict:
@@ -46,218 +51,6 @@ def progress_fields(train_loss: float, tokens_per_s: float, val_loss: float) -> 
     return dict(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", val=val)
 
 
-# ----------------------------------------------------------------------------------------------------- flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    a = p.add_argument_group("back end")
-    a.add_argument(
-        "--backend",
-        choices=("auto", "single", "fsdp2", "deepspeed"),
-        default="auto",
-        help="auto: deepspeed when --deepspeed_config is given, fsdp2 under torchrun, else single",
-    )
-    a.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON config (selects the deepspeed back end)")
-    a.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher convention; no effect")
-    a.add_argument(
-        "--local_rank",
-        "--local-rank",
-        type=int,
-        default=None,
-        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used otherwise",
-    )
-    a.add_argument(
-        "--agents",
-        type=int,
-        default=1,
-        help="fsdp2 or deepspeed: number of PISA agents M (mode B; world = M x shards); 1 = mode A",
-    )
-    a.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="fsdp2: compute dtype of the parameters (the fp32 shards stay the master weights)",
-    )
-    a.add_argument("--cpu-offload", action="store_true", help="fsdp2: keep parameters and optimizer state on CPU")
-    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    a.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=300.0,
-        help="seconds a collective may wait for a lost rank before the run fails",
-    )
-
-    m = p.add_argument_group("model")
-    m.add_argument("--model", choices=FAMILIES, default="gpt2", help="model family (transformers config)")
-    m.add_argument("--size", choices=SIZES, default="tiny", help="tiny trains in seconds per step on a CPU")
-    m.add_argument("--init-from", default=None, help="a local Hugging Face checkpoint directory (never downloads)")
-    m.add_argument("--block-size", type=int, default=128, help="context length in tokens")
-    m.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
-
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        default=None,
-        help="text file or folder (byte-level), .bin/.npy token file, or folder with train/val token "
-        "files; default: the Python standard library's source",
-    )
-    d.add_argument("--cache-dir", default=None, help="where built corpora are cached (default ~/.cache/pisa_zero)")
-    d.add_argument("--token-dtype", default="uint16", help="dtype of a raw .bin token file")
-    d.add_argument("--vocab-size", type=int, default=None, help="token files: vocabulary size (default max id + 1)")
-    d.add_argument("--val-fraction", type=float, default=0.02, help="single token file: fraction held out")
-    d.add_argument(
-        "--heterogeneity",
-        action="store_true",
-        help="mode B: give each agent its own part of the corpus (by stdlib package / folder)",
-    )
-    d.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-step")
-    d.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-
-    o = p.add_argument_group("optimizer")
-    o.add_argument(
-        "--optimizer",
-        choices=("pisa", "adamw", "muon"),
-        default="pisa",
-        help="pisa; or a baseline on the same data, schedule, logs and checkpoints: adamw (torch's AdamW, fused on "
-        "CUDA, foreach on CPU) or muon (torch.optim.Muon on the block matrices PISA gives nsisa, AdamW with --aux-lr "
-        "on the rest). DeepSpeed: the config's optimizer.type (PISA | AdamW | Muon) decides",
-    )
-    o.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="baselines: the lr of AdamW (every parameter) or of Muon (the matrices); default 3e-3 / 0.02. "
-        "PISA's lr is 1/(σ+ρ)",
-    )
-    o.add_argument("--sigma", type=float, default=30.0, help="σ, the ADMM penalty of the PISA groups")
-    o.add_argument("--rho", type=float, default=100.0, help="ρ, the preconditioner weight of the PISA groups")
-    o.add_argument("--matrix-preconditioner", default="nsisa", help="block matrices: nsisa | sisa | adagrad | identity")
-    o.add_argument(
-        "--other-preconditioner",
-        default="adamw",
-        help="embeddings, head, norms, biases: adamw (auxiliary) | sisa | ...",
-    )
-    o.add_argument("--aux-lr", type=float, default=3e-3, help="lr of the auxiliary AdamW group (PISA, Muon)")
-    o.add_argument("--aux-weight-decay", type=float, default=0.0, help="weight decay of the auxiliary AdamW group")
-    o.add_argument("--momentum", type=float, default=0.95, help="nsisa (and Muon) momentum μ")
-    o.add_argument("--beta2", type=float, default=0.999, help="sisa second-moment β₂")
-    o.add_argument("--l2-lambda", type=float, default=0.0, help="λ, the consensus ℓ2 term")
-    o.add_argument(
-        "--local-steps",
-        type=int,
-        default=1,
-        help="mode B (--agents M > 1): H local steps per consensus round, the agents meet every H-th step "
-        "(docs/ALGORITHM.md §6); evaluation uses the consensus weights; 1 = every step",
-    )
-    o.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.0,
-        help="decoupled weight decay of the PISA groups (baselines: AdamW's, Muon's)",
-    )
-    o.add_argument(
-        "--implementation",
-        choices=("auto", "single", "foreach", "compiled"),
-        default="auto",
-        help="PISA kernels; auto: torch.compile'd when a compiler is available, else foreach",
-    )
-
-    s = p.add_argument_group("schedule")
-    s.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    s.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        help="stop (with a final eval and checkpoint) after this many minutes of training",
-    )
-    s.add_argument("--warmup-steps", type=int, default=20, help="linear lr warm-up (σ, ρ scale by lr_ref/lr)")
-    s.add_argument(
-        "--schedule",
-        choices=("cosine", "constant", "config"),
-        default="cosine",
-        help="lr after warm-up; config: keep the DeepSpeed config's own scheduler",
-    )
-    s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the lr")
-    s.add_argument("--seed", type=int, default=0, help="model init and data order")
-
-    e = p.add_argument_group("evaluation, logging, checkpoints")
-    e.add_argument("--out-dir", default="runs/pisa", help="TensorBoard logs and checkpoints go here")
-    e.add_argument("--eval-interval", type=int, default=100, help="steps between validation evals (0: end only)")
-    e.add_argument("--eval-windows", type=int, default=64, help="size of the fixed held-out set, in sequences")
-    e.add_argument("--log-interval", type=int, default=10, help="steps between train/* and perf/* scalars")
-    e.add_argument("--diag-interval", type=int, default=10, help="steps between pisa/* diagnostics")
-    e.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar (one line per log interval instead)")
-    e.add_argument("--ckpt-interval", type=int, default=200, help="steps between checkpoints (0: only at the end)")
-    e.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    e.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue from <out-dir>/checkpoints/latest, or from the checkpoint directory given",
-    )
-    e.add_argument(
-        "--max-nonfinite",
-        type=int,
-        default=10,
-        help="stop after this many consecutive steps skipped for a non-finite loss or gradient",
-    )
-    e.add_argument(
-        "--inject-nonfinite",
-        default="",
-        help="testing aid: comma-separated steps whose loss is made NaN on rank 0 "
-        "(prefix 'grad:' to poison a gradient instead)",
-    )
-    return p
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    args.explicit = {
-        a.dest
-        for a in parser._actions
-        for opt in a.option_strings
-        if any(x == opt or x.startswith(opt + "=") for x in argv)
-    }
-    if args.backend == "auto":
-        if args.deepspeed_config:
-            args.backend = "deepspeed"
-        else:
-            args.backend = "fsdp2" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
-    if args.backend == "deepspeed" and not args.deepspeed_config:
-        parser.error("--backend deepspeed needs --deepspeed_config")
-    for name in ("max_steps", "batch_size", "grad_accum", "block_size", "agents", "eval_windows", "keep_checkpoints",
-                 "local_steps"):  # fmt: skip
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.schedule == "config" and args.backend != "deepspeed":
-        parser.error("--schedule config needs the deepspeed back end (a 'scheduler' in its config)")
-    if args.agents > 1 and args.backend not in ("fsdp2", "deepspeed"):
-        parser.error(f"--agents {args.agents} needs --backend fsdp2 or deepspeed (mode B)")
-    if args.optimizer != "pisa" and args.agents > 1:
-        parser.error(f"--agents {args.agents} is PISA's mode B; --optimizer {args.optimizer} has no consensus")
-    if args.lr is None:
-        args.lr = 0.02 if args.optimizer == "muon" else 3e-3
-    if args.local_steps > 1 and args.agents == 1:
-        parser.error(f"--local-steps {args.local_steps} needs agents (--agents M, M > 1)")
-    spec = args.inject_nonfinite
-    args.inject_kind = "grad" if spec.startswith("grad:") else "loss"
-    try:
-        args.inject_steps = {int(x) for x in spec.removeprefix("grad:").split(",") if x}
-    except ValueError:
-        parser.error(f"--inject-nonfinite={spec!r}: expected comma-separated step numbers")
-    return args
-
-
-# ------------------------------------------------------------------------------------------------- helpers
 def setup_distributed(args):
     """(rank, world, device); initialises the process group when launched with several ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -279,6 +72,8 @@ def setup_distributed(args):
         rank, world = dist.get_rank(), dist.get_world_size()
     if args.backend == "single" and world > 1:
         raise SystemExit("--backend single runs in one process; use --backend fsdp2 or deepspeed with several ranks")
+    if world % args.agents:
+        raise SystemExit(f"--agents {args.agents} must divide the number of ranks ({world})")
     return rank, world, device
 
 
@@ -303,7 +98,7 @@ def evaluate(backend, windows, rank, world, batch_size, device) -> float:
     backend.train(False)
     mine = windows[rank::world]
     per_rank = math.ceil(len(windows) / world)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, per_rank, batch_size):
         chunk = mine[i : i + batch_size]
         real = len(chunk)
@@ -311,53 +106,225 @@ def evaluate(backend, windows, rank, world, batch_size, device) -> float:
             chunk = torch.cat([chunk, windows[: min(batch_size, per_rank - i) - real]])
         chunk = chunk.to(device)
         losses = lm_loss(backend.forward(chunk[:, :-1]), chunk[:, 1:], reduction="none")[:real]
-        total += torch.tensor([losses.double().sum().item(), real], dtype=torch.float64)
+        total[0] += losses.double().sum()
+        total[1] += real
     backend.train(True)
     total = all_reduce_sum(total, device=device)
     return (total[0] / total[1]).item()
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop honours at the next step on every rank; a third signal exits."""
-
-    def __init__(self):
-        self.count = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count >= 3:
-            os._exit(128 + signum)
+def load_data(args, rank: int):
+    """The corpus, built (and cached) once by rank 0 before the other ranks read the cache."""
+    kw = dict(token_dtype=args.token_dtype, vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    corpus = load_corpus(args.data, args.cache_dir, **kw) if rank == 0 else None
+    backends.barrier()
+    return corpus if corpus is not None else load_corpus(args.data, args.cache_dir, **kw)
 
 
-# ---------------------------------------------------------------------------------------------------- main
+def build_backend(args, model, device, logdir, say):
+    if args.backend == "deepspeed":
+        return backends.DeepSpeed(model, args, device, backends.deepspeed_config(args, args.explicit, logdir, say))
+    return (backends.FSDP2 if args.backend == "fsdp2" else backends.Single)(model, args, device)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks and micro-steps; nan when the step was skipped
+    finite: bool  # every rank's loss and gradients were finite (the step was taken)
+    stop: bool  # some rank asked to stop (a signal, its launcher gone, the time limit)
+    seconds: float
+
+
+class Trainer:
+    """The training loop's state and its stages; ``run()`` reads as the loop."""
+
+    def __init__(self, args, backend, corpus, rank, world, device, run_identity, say, tb, bar):
+        self.args, self.backend, self.rank, self.world, self.device = args, backend, rank, world, device
+        self.run_identity, self.say, self.tb, self.bar = run_identity, say, tb, bar
+        topology = getattr(backend, "topology", None)
+        segments = None
+        if args.heterogeneity:
+            mine = set(partition_domains(corpus, topology.agents)[topology.agent_index])
+            segments = [s for s in corpus.segments if s[0] in mine]
+        self.batches = Batches(corpus.train, args.block_size, args.batch_size, args.seed, rank, segments=segments)
+        self.windows = val_windows(corpus.val, args.block_size, args.eval_windows)
+        self.tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
+        self.faults = Faults(args.inject_nonfinite, rank)
+        self.stop = StopRequest()
+        self.step, self.tokens, self.nonfinite_total, self.consecutive_bad = 0, 0, 0, 0
+        self.last_val = float("nan")
+        self.started = time.time()
+
+    # ------------------------------------------------------------------------------------------- stages
+    def train_step(self) -> StepResult:
+        """One optimizer step on every rank: forward/backward, one all-reduce of (loss, non-finite, stop), then
+        step — or skip on every rank when anything on any rank was non-finite."""
+        args, backend, step = self.args, self.backend, self.step + 1
+        started = time.time()
+        if args.schedule != "config":
+            for g in backend.param_groups:
+                g["lr"] = g["lr_ref"] * lr_factor(step, args)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(args.grad_accum):
+            x, y = self.batches.get(step - 1, micro)
+            loss = self.faults.loss(
+                step, lm_loss(self.faults.logits(step, backend.forward(x.to(self.device))), y.to(self.device))
+            )
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            bad += (~finite).double()
+            backend.backward(loss, last=micro == args.grad_accum - 1)
+        if self.rank == 0 and args.max_minutes is not None and time.time() - self.started > 60 * args.max_minutes:
+            self.stop.request("time limit", 0)
+        stop = torch.tensor(float(self.stop.reason is not None), dtype=torch.float64, device=self.device)
+        flags = all_reduce_sum(torch.stack([loss_sum / args.grad_accum, bad, stop]), device=self.device).tolist()
+        finite = flags[1] == 0 and backend.grads_finite()
+        backend.set_local_batch(args.batch_size * args.grad_accum * args.block_size)
+        return self._step_or_skip(StepResult(flags[0] / self.world, finite, flags[2] > 0, 0.0), started)
+
+    def _step_or_skip(self, result: StepResult, started: float) -> StepResult:
+        """The one place where a step is taken or skipped (every rank decides the same from the same flags)."""
+        backend, diag = self.backend, (self.step + 1) % self.args.diag_interval == 0 or self.step == 0
+        self.grad_norm = backend.grad_norm() if result.finite and diag and backend.name != "deepspeed" else None
+        if result.finite:
+            if diag and backend.monitor is not None:
+                backend.monitor.snapshot()
+            backend.step()
+            self.consecutive_bad = 0
+        elif backend.can_skip:
+            backend.skip()
+            self.consecutive_bad += 1
+            self.nonfinite_total += 1
+            result.loss = float("nan")
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.faults.after_step(self.step, backend.params())
+        result.seconds = time.time() - started
+        return result
+
+    def log(self, result: StepResult) -> None:
+        args, step, scalars = self.args, self.step, {}
+        if not result.finite:
+            self.say(
+                f"step {step}: non-finite loss or gradient on some rank; step skipped on every rank "
+                f"({self.consecutive_bad} in a row, {self.nonfinite_total} in total)"
+            )
+            scalars["train/nonfinite_skipped"] = self.nonfinite_total
+        tokens_per_s = self.tokens_per_step / result.seconds
+        if step % args.log_interval == 0 or step == 1:
+            scalars.update({"train/loss": result.loss, "train/tokens": self.tokens})
+            scalars.update({"perf/step_time_s": result.seconds, "perf/tokens_per_s": tokens_per_s})
+            scalars.update({"perf/peak_memory_mb": peak_memory_mb(), "train/nonfinite_skipped": self.nonfinite_total})
+            for i, g in enumerate(self.backend.param_groups):
+                scalars[f"train/lr/{g.get('preconditioner', g.get('name'))}{'' if i < 2 else i}"] = g["lr"]
+        if result.finite and (step % args.diag_interval == 0 or step == 1):
+            if self.backend.monitor is not None:
+                scalars.update(self.backend.monitor.measure())
+            scalars["train/grad_norm"] = self.grad_norm if self.grad_norm is not None else self.backend.grad_norm()
+        self.tb.scalars(scalars, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(progress_fields(result.loss, tokens_per_s, self.last_val))
+        elif step % args.log_interval == 0:
+            self.say(f"step {step}/{args.max_steps} loss {result.loss:.4f} {tokens_per_s:,.0f} tok/s")
+
+    def evaluate(self, train_loss: float) -> float:
+        pisa = self.backend.pisa  # local steps: evaluate the round's consensus w, not this agent's w_i
+        with pisa.consensus_weights() if pisa is not None else contextlib.nullcontext():
+            self.last_val = evaluate(
+                self.backend, self.windows, self.rank, self.world, self.args.batch_size, self.device
+            )
+        ppl = math.exp(min(self.last_val, 50))
+        self.say(
+            f"step {self.step}: val loss {self.last_val:.4f} | val ppl {ppl:.2f} | train loss {train_loss:.4f} | "
+            f"{self.tokens / 1e6:.2f}M tokens | {(time.time() - self.started) / 60:.1f} min"
+        )
+        self.tb.scalars({"val/loss": self.last_val, "val/perplexity": ppl}, self.step)
+        return self.last_val
+
+    def checkpoint(self) -> int | None:
+        """Write a checkpoint of finite weights, or refuse to (an exit code) and leave ``latest`` where it was."""
+        if not self.backend.weights_finite():
+            self.say(
+                f"[pisa_zero] stopping at step {self.step}: the weights are not finite, so no checkpoint of them is "
+                "written (latest still names the last good one). Resume from it with a lower learning rate."
+            )
+            return EXIT_NONFINITE_VAL
+        extra = {"step": self.step, "tokens": self.tokens, "nonfinite": self.nonfinite_total}
+        path = checkpoints.save(self.backend, self.args, self.rank, self.step, extra, self.run_identity)
+        self.say(f"step {self.step}: checkpoint {path}")
+        return None
+
+    def evaluate_and_checkpoint(self, result: StepResult) -> int | None:
+        """Interval and final evaluations and checkpoints; an exit code when the run must stop here.
+
+        A stop writes its checkpoint first (the launcher's grace period may end during the evaluation); otherwise
+        a checkpoint follows an evaluation whose loss is finite, so a diverged model is never published."""
+        args, step = self.args, self.step
+        last = step == args.max_steps or result.stop
+        wants_eval = (args.eval_interval and step % args.eval_interval == 0) or last
+        wants_ckpt = (args.ckpt_interval and step % args.ckpt_interval == 0) or last
+        if result.stop:
+            code = self.checkpoint()
+            self.evaluate(result.loss)
+            return code
+        if wants_eval and not math.isfinite(self.evaluate(result.loss)):
+            self.say(
+                f"[pisa_zero] stopping: the validation loss at step {step} is {self.last_val}; the weights are not "
+                "finite, so no checkpoint of them is written. Resume from the last checkpoint with a lower "
+                "learning rate (higher --sigma/--rho)."
+            )
+            return EXIT_NONFINITE_VAL
+        return self.checkpoint() if wants_ckpt else None
+
+    def nonfinite_stop(self, result: StepResult) -> int | None:
+        if not result.finite and not self.backend.can_skip:
+            self.say(
+                f"[pisa_zero] stopping at step {self.step}: a non-finite loss or gradient, and DeepSpeed's "
+                f"{self.args.optimizer} has no step that leaves its state untouched; resume from the last checkpoint"
+            )
+            return EXIT_NONFINITE
+        if self.consecutive_bad >= self.args.max_nonfinite:
+            self.say(
+                f"[pisa_zero] stopping: {self.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                f"(limit --max-nonfinite {self.args.max_nonfinite}); the model was not updated by any of them. Lower "
+                "the learning rate (raise --sigma/--rho) or check the data; resume from the last checkpoint."
+            )
+            return EXIT_NONFINITE
+        return None
+
+    # -------------------------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        while self.step < self.args.max_steps:
+            result = self.train_step()
+            self.log(result)
+            code = self.nonfinite_stop(result)
+            if code is None:
+                code = self.evaluate_and_checkpoint(result)
+            self.tb.flush()
+            if code is not None:
+                return code
+            if result.stop:
+                self.say(
+                    f"[pisa_zero] stopped at step {self.step} ({self.stop.reason or 'another rank'}); continue with "
+                    "the same command plus --resume"
+                )
+                return self.stop.exit_code if self.stop.reason else 128 + 15
+        return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
-    master = rank == 0
-    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    corpus = load_data(args, rank)
+    run_identity = checkpoints.identity(args, world, corpus.vocab_size)
+    resume_from = checkpoints.resolve_resume(args, say=log)
+    if resume_from:
+        checkpoints.check_identity(resume_from, run_identity)
 
-    # data: rank 0 builds the cache once, the others then read it
-    if master:
-        load_corpus(
-            args.data,
-            args.cache_dir,
-            token_dtype=args.token_dtype,
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-        )
-    backends.barrier()
-    corpus = load_corpus(
-        args.data,
-        args.cache_dir,
-        token_dtype=args.token_dtype,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-    )
-
-    # model and back end
     model = build_model(
         args.model,
         args.size,
@@ -366,189 +333,47 @@ def main(argv=None) -> int:
         dropout=args.dropout,
         init_from=args.init_from,
     )
-    n_params = count_parameters(model)
+    n_params = count_parameters(model)  # before ZeRO-3 partitions it
     logdir = None if args.no_tensorboard else os.path.join(args.out_dir, "tensorboard")
-    if args.backend == "deepspeed":
-        backend = backends.DeepSpeed(
-            model, args, device, backends.deepspeed_config(args, args.explicit, logdir, say=log)
-        )
-        device = backend.engine.device
-    elif args.backend == "fsdp2":
-        backend = backends.FSDP2(model, args, device)
-    else:
-        backend = backends.Single(model, args, device)
+    backend = build_backend(args, model, device, logdir, log)
     backend.train(True)
-    topology = getattr(backend, "topology", None)
-    agent = topology.agent_index if topology is not None else 0
-    segments = None
-    if args.heterogeneity:
-        if topology is None:
-            raise ValueError("invalid --heterogeneity: it needs agents (--agents M, M > 1, fsdp2 or deepspeed)")
-        mine = set(partition_domains(corpus, topology.agents)[agent])
-        segments = [s for s in corpus.segments if s[0] in mine]
-    batches = Batches(corpus.train, args.block_size, args.batch_size, args.seed, stream=rank, segments=segments)
-    windows = val_windows(corpus.val, args.block_size, args.eval_windows)
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world
-
-    # resume
-    step, tokens, nonfinite_total = 0, 0, 0
-    run = checkpoints.identity(args, world, corpus.vocab_size)
-    resume_from = checkpoints.resolve_resume(args, say=log)
-    if resume_from:
-        checkpoints.check_identity(resume_from, run)
-        extra = backend.load(resume_from)
-        step, tokens, nonfinite_total = extra["step"], extra["tokens"], extra.get("nonfinite", 0)
-
-    tb = TensorBoard(logdir, enabled=master and logdir is not None)
-    if master:
-        log(
-            f"[pisa_zero] backend={backend.name} world={world} agents={args.agents} device={device} "
-            f"model={args.model}-{args.size} ({n_params / 1e6:.2f}M params) data={corpus.source} "
-            f"({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M val tokens, "
-            f"vocab {corpus.vocab_size})"
-        )
-        if resume_from:
-            log(f"[pisa_zero] resumed from {resume_from} at step {step}")
-        if logdir:
-            log(f"[pisa_zero] TensorBoard logs: {os.path.abspath(logdir)}  (open: tensorboard --logdir {logdir})")
-        tb.text("run/args", " ".join(sys.argv))
-    stop = StopRequest()
+    tb = TensorBoard(logdir, enabled=rank == 0 and logdir is not None)
     bar = None
-    if master and not args.no_progress:
+    if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc="train", file=sys.stdout)
+        bar = tqdm(total=args.max_steps, dynamic_ncols=True, desc="train", file=sys.stdout)
     say = bar.write if bar is not None else log
-    started = time.time()
-    consecutive_bad, last_val, exit_code, reason = 0, float("nan"), 0, "done"
-
-    def extra_state():
-        return {"step": step, "tokens": tokens, "nonfinite": nonfinite_total}
-
-    while step < args.max_steps:
-        step_started = time.time()
-        factor = lr_factor(step + 1, args)
-        if args.schedule != "config":
-            for g in backend.param_groups:
-                g["lr"] = g["lr_ref"] * factor
-        diag = step + 1 == 1 or (step + 1) % args.diag_interval == 0
-
-        # forward/backward over the micro-steps
-        loss_sum, local_bad = 0.0, False
-        for micro in range(args.grad_accum):
-            x, y = batches.get(step, micro)
-            loss = lm_loss(backend.forward(x.to(device)), y.to(device))
-            if step + 1 in args.inject_steps and master and args.inject_kind == "loss":
-                loss = loss * float("nan")
-            local_bad |= not math.isfinite(loss.item())
-            loss_sum += loss.item() if math.isfinite(loss.item()) else 0.0
-            backend.backward(loss, last=micro == args.grad_accum - 1)
-        if step + 1 in args.inject_steps and master and args.inject_kind == "grad" and backend.name != "deepspeed":
-            next(p for p in backend.params() if p.grad is not None).grad.view(-1)[0] = float("inf")
-        # one all-reduce: loss, non-finite flag, stop requests (a signal or the time limit, decided on rank 0)
-        out_of_time = master and args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
-        flags = all_reduce_sum(
-            [loss_sum / args.grad_accum, float(local_bad), float(stop.count > 0 or out_of_time)], device=device
-        )
-        finite = flags[1].item() == 0 and backend.grads_finite()
-        backend.set_local_batch(args.batch_size * args.grad_accum * args.block_size)
-        grad_norm = backend.grad_norm() if finite and diag and backend.name != "deepspeed" else None
-        if finite:
-            if diag and backend.monitor is not None:
-                backend.monitor.snapshot()
-            backend.step()
-            consecutive_bad = 0
-        elif not backend.can_skip:
-            say(
-                f"[pisa_zero] stopping at step {step + 1}: a non-finite loss or gradient, and DeepSpeed's "
-                f"{args.optimizer} has no step that leaves its state untouched; resume from the last checkpoint"
-            )
-            exit_code, reason = 3, "nonfinite"
-            break
-        else:
-            backend.skip()
-            consecutive_bad += 1
-            nonfinite_total += 1
-        step += 1
-        tokens += tokens_per_step
-        train_loss = flags[0].item() / world if finite else float("nan")
-        dt = time.time() - step_started
-
-        # logging
-        scalars = {}
-        if not finite:
-            say(
-                f"step {step}: non-finite loss or gradient on some rank; step skipped on every rank "
-                f"({consecutive_bad} in a row, {nonfinite_total} in total)"
-            )
-            scalars["train/nonfinite_skipped"] = nonfinite_total
-        if step % args.log_interval == 0 or step == 1:
-            scalars.update(
-                {
-                    "train/loss": train_loss,
-                    "train/tokens": tokens,
-                    "perf/step_time_s": dt,
-                    "perf/tokens_per_s": tokens_per_step / dt,
-                    "perf/peak_memory_mb": peak_memory_mb(),
-                    "train/nonfinite_skipped": nonfinite_total,
-                }
-            )
-            for i, g in enumerate(backend.param_groups):
-                scalars[f"train/lr/{g.get('preconditioner', g.get('name'))}{'' if i < 2 else i}"] = g["lr"]
-        if finite and diag:
-            if backend.monitor is not None:
-                scalars.update(backend.monitor.measure())
-            if grad_norm is None:
-                grad_norm = backend.grad_norm()
-            scalars["train/grad_norm"] = grad_norm
-        tb.scalars(scalars, step)
+    trainer = Trainer(args, backend, corpus, rank, world, device, run_identity, say, tb, bar)
+    if resume_from:
+        extra = backend.load(resume_from)
+        trainer.step, trainer.tokens = extra["step"], extra["tokens"]
+        trainer.nonfinite_total = extra.get("nonfinite", 0)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(progress_fields(train_loss, tokens_per_step / dt, last_val))
-        elif step % args.log_interval == 0:
-            log(f"step {step}/{args.max_steps} loss {train_loss:.4f} {tokens_per_step / dt:,.0f} tok/s")
+            bar.update(trainer.step)
+    log(
+        f"[pisa_zero] backend={backend.name} world={world} agents={args.agents} device={device} "
+        f"optimizer={args.optimizer} model={args.model}-{args.size} ({n_params / 1e6:.2f}M params) "
+        f"data={corpus.source} ({len(corpus.train) / 1e6:.1f}M train / {len(corpus.val) / 1e6:.2f}M val tokens, "
+        f"vocab {corpus.vocab_size})"
+    )
+    if resume_from:
+        log(f"[pisa_zero] resumed from {resume_from} at step {trainer.step}")
+    if logdir:
+        log(f"[pisa_zero] TensorBoard logs: {os.path.abspath(logdir)}  (open: tensorboard --logdir {logdir})")
+    tb.text("run/args", " ".join(sys.argv))
 
-        if consecutive_bad >= args.max_nonfinite:
-            say(
-                f"[pisa_zero] stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                f"(limit --max-nonfinite {args.max_nonfinite}); the model was not updated by any of them. Lower the "
-                "learning rate (raise --sigma/--rho) or check the data; resume from the last checkpoint."
-            )
-            exit_code, reason = 3, "nonfinite"
-            break
-        stopping = flags[2].item() > 0
-        if (args.eval_interval and step % args.eval_interval == 0) or step == args.max_steps or stopping:
-            # local steps: evaluate the round's consensus w, not this agent's w_i
-            with backend.pisa.consensus_weights() if backend.pisa is not None else contextlib.nullcontext():
-                last_val = evaluate(backend, windows, rank, world, args.batch_size, device)
-            elapsed = time.time() - started
-            say(
-                f"step {step}: val loss {last_val:.4f} | val ppl {math.exp(min(last_val, 50)):.2f} | "
-                f"train loss {train_loss:.4f} | {tokens / 1e6:.2f}M tokens | {elapsed / 60:.1f} min"
-            )
-            tb.scalars({"val/loss": last_val, "val/perplexity": math.exp(min(last_val, 50))}, step)
-            if bar is not None:
-                bar.set_postfix(progress_fields(train_loss, tokens_per_step / dt, last_val))
-        if (args.ckpt_interval and step % args.ckpt_interval == 0) or step == args.max_steps or stopping:
-            path = checkpoints.save(backend, args, rank, step, extra_state(), run, backends.barrier)
-            say(f"step {step}: checkpoint {path}")
-        tb.flush()
-        if stopping:
-            reason = "signal" if stop.count else "time limit"
-            exit_code = 130 if stop.count else 0
-            say(f"[pisa_zero] stopped at step {step} ({reason}); continue with the same command plus --resume")
-            break
-
+    code = trainer.run()
     if bar is not None:
         bar.close()
     log(
-        f"[pisa_zero] finished: step {step}, val loss {last_val:.4f}, {nonfinite_total} non-finite steps skipped, "
-        f"{(time.time() - started) / 60:.1f} min"
+        f"[pisa_zero] finished: step {trainer.step}, val loss {trainer.last_val:.4f}, {trainer.nonfinite_total} "
+        f"non-finite steps skipped, {(time.time() - trainer.started) / 60:.1f} min"
     )
     if logdir:
         log(f"[pisa_zero] TensorBoard: tensorboard --logdir {os.path.abspath(logdir)}")
     tb.close()
-    return exit_code
+    return code
 
 
 if __name__ == "__main__":

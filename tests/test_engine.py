@@ -1,6 +1,8 @@
 """engine/train.py end to end: single process in-process, DeepSpeed (kill -9 + resume) and FSDP2 mode B under their
 real launchers on CPU/gloo. The corpus is the real embedded default (the stdlib source), built once per session."""
 
+import functools
+import json
 import os
 import re
 import signal
@@ -16,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from engine import data, models  # noqa: E402
-from engine.train import build_parser, lr_factor, main, parse_args  # noqa: E402
+from engine.flags import build_parser, parse_args  # noqa: E402
+from engine.train import lr_factor, main  # noqa: E402
 
 TINY = ["--block-size", "64", "--batch-size", "8", "--eval-windows", "16", "--no-progress", "--warmup-steps", "3"]
 TINY += ["--implementation", "foreach"]  # no torch.compile warm-up in short tests
@@ -37,8 +40,8 @@ def run(cache_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like OMP_NUM_THREADS=1 in the launched runs: 2 shared cores
 
-    def go(*argv, out="run"):
-        return main([*TINY, "--cache-dir", cache_dir, "--out-dir", str(tmp_path / out), *map(str, argv)])
+    def go(*argv, out="run", base=TINY):
+        return main([*base, "--cache-dir", cache_dir, "--out-dir", str(tmp_path / out), *map(str, argv)])
 
     yield go
     for s, h in handlers.items():
@@ -52,6 +55,24 @@ def scalars(logdir):
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     ea.Reload()
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Deepspeed:
+    """``deepspeed --num_gpus 2 --master_port <free>``: a fixed port collides with any other DeepSpeed job."""
+
+    def __iter__(self):
+        return iter(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())])
+
+
+DEEPSPEED = _Deepspeed()
 
 
 def env(**extra):
@@ -195,33 +216,14 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(run, tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
     out = tmp_path / "sig"
-    cmd = [
-        sys.executable,
-        "engine/train.py",
-        *TINY,
-        "--cache-dir",
-        cache_dir,
-        "--out-dir",
-        str(out),
-        "--max-steps",
-        "100000",
-        "--ckpt-interval",
-        "0",
-        "--eval-interval",
-        "0",
-        "--schedule",
-        "constant",
-        "--log-interval",
-        "1",
-    ]
+    cmd = [sys.executable, "engine/train.py", *TINY, "--cache-dir", cache_dir, "--out-dir", str(out)]
+    cmd += ["--max-steps", "100000", "--ckpt-interval", "2", "--eval-interval", "0", "--schedule", "constant"]
     log_path = tmp_path / "sig.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        # signal once a step has completed (a fixed sleep after start-up raced the first step on a loaded machine)
-        deadline = time.time() + 300
-        while "step 1/" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
+        # signal once the loop (and its handler) runs: a checkpoint was written (a fixed sleep raced start-up)
+        _wait_for_checkpoint(proc, out / "checkpoints" / "latest", 2, timeout=300)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
@@ -229,7 +231,10 @@ def test_ctrl_c_writes_a_final_checkpoint(cache_dir, tmp_path):
             proc.kill()
     stdout = log_path.read_text()
     assert proc.returncode == 130, stdout
-    assert "stopped at step" in stdout and "(signal)" in stdout
+    assert "stopped at step" in stdout and "(SIGINT)" in stdout
+    # the final checkpoint comes before the final evaluation (a launcher's grace period may end during it)
+    step = re.search(r"stopped at step (\d+)", stdout).group(1)
+    assert stdout.index(f"step {step}: checkpoint") < stdout.index(f"step {step}: val loss"), stdout
     tag = (out / "checkpoints" / "latest").read_text().strip()
     assert tag.startswith("step_") and int(tag[5:]) > 0
 
@@ -256,9 +261,7 @@ def test_deepspeed_zero3_kill9_exits_then_resumes(cache_dir, tmp_path):
         with open(config, "w") as f:
             f.write('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "PISA", "params": {}}}')
     base = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
+        *DEEPSPEED,
         "engine/train.py",
         "--deepspeed_config",
         config,
@@ -404,13 +407,15 @@ def test_quickstart_script_is_valid_and_pins_torch_first():
 @pytest.mark.slow
 def test_deepspeed_two_agents_mode_b(cache_dir, tmp_path):
     out = tmp_path / "dsb"
-    cmd = ["deepspeed", "--num_gpus", "2", "engine/train.py", "--deepspeed_config", "configs/pisa_zero3.json"]
+    cmd = [*DEEPSPEED, "engine/train.py", "--deepspeed_config", "configs/pisa_zero3.json"]
     cmd += ["--agents", "2", "--heterogeneity", *TINY, "--cache-dir", cache_dir, "--out-dir", str(out)]
     cmd += ["--max-steps", "6", "--eval-interval", "6", "--diag-interval", "3", "--ckpt-interval", "6"]
     cmd += ["--grad-accum", "2", "--batch-size", "4"]  # DeepSpeed's micro-step accounting
+    cmd += ["--inject-nonfinite", "grad:2", "--log-interval", "1"]  # issue 9 item 6: did nothing under DeepSpeed
     result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     s = scalars(out / "tensorboard")
+    assert s["train/nonfinite_skipped"][6] == 1 and "step 2: non-finite" in result.stdout
     assert s["pisa/nsisa/consensus_disagreement"][6] > 0 and s["val/loss"][6] < 5.0
     saved = os.listdir(out / "checkpoints" / "step_000006")
     states = torch.load(
@@ -440,6 +445,7 @@ def test_muon_baseline_takes_exactly_the_nsisa_matrices():
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_baselines_train_log_and_resume_exactly(run, tmp_path, optimizer):
+    run = functools.partial(run, base=TINY[:-2])  # no --implementation: PISA's kernels are not the baseline's
     flags = ["--optimizer", optimizer, "--max-steps", 8, "--eval-interval", 4, "--log-interval", 1]
     flags += ["--ckpt-interval", 4, "--schedule", "cosine"]
     assert run(*flags) == 0
@@ -482,7 +488,7 @@ def test_deepspeed_config_selects_the_optimizer_by_type(tmp_path):
 @pytest.mark.parametrize("name", ["adamw_zero3.json", "muon_zero3.json"])
 def test_deepspeed_baselines_train_from_their_config(cache_dir, tmp_path, name):
     out = tmp_path / "ds"
-    cmd = ["deepspeed", "--num_gpus", "2", "engine/train.py", "--deepspeed_config", f"configs/{name}", *TINY]
+    cmd = [*DEEPSPEED, "engine/train.py", "--deepspeed_config", f"configs/{name}", *TINY[:-2]]
     cmd += ["--cache-dir", cache_dir, "--out-dir", str(out), "--max-steps", "6", "--eval-interval", "3"]
     cmd += ["--ckpt-interval", "6", "--log-interval", "1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
@@ -490,3 +496,94 @@ def test_deepspeed_baselines_train_from_their_config(cache_dir, tmp_path, name):
     s = scalars(out / "tensorboard")
     assert s["val/loss"][6] < s["val/loss"][3] and s["train/loss"][6] < s["train/loss"][1]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000006"
+
+
+# ---------------------------------------------------------------------------------------------- reliability (issue 9)
+def test_deepspeed_json_is_read_as_the_library_reads_it(tmp_path):
+    """Item 1: the JSON's preconditioner was overridden by the --matrix-preconditioner default; "adam" trained."""
+    from engine import backends
+    from pisa_zero.deepspeed import parse_pisa_params
+
+    def engine_spec(params, *flags):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"optimizer": {"type": "PISA", "params": params}}))
+        args = parse_args(["--deepspeed_config", str(path), *flags])
+        return parse_pisa_params(backends.deepspeed_config(args, args.explicit, None, say=print)["optimizer"]["params"])
+
+    for params in ({"param_groups": "auto", "preconditioner": "sisa"}, {"preconditioner": "sisa"}, {"sigma": 5.0}):
+        assert engine_spec(params) == parse_pisa_params(params), params
+    assert engine_spec({"param_groups": "auto", "preconditioner": "sisa"}).matrix_preconditioner == "sisa"
+    spec = engine_spec({"param_groups": "auto", "preconditioner": "sisa", "rho": 7.0}, "--sigma", "3")
+    assert spec.matrix_preconditioner == "sisa" and spec.kwargs["sigma"] == 3.0 and spec.kwargs["rho"] == 7.0
+    with pytest.raises(ValueError, match="c.json.*adam"):
+        engine_spec({"param_groups": "auto", "preconditioner": "adam"})
+    with pytest.raises(ValueError, match="c.json.*unknown key.*sigmaa"):
+        engine_spec({"sigmaa": 1.0})
+
+
+def test_resume_falls_back_when_latest_is_unusable(run, tmp_path, capsys):
+    """Item 4: an empty ``latest`` (DeepSpeed rewrites it in place) made --resume crash."""
+    flags = ["--max-steps", 4, "--ckpt-interval", 2, "--eval-interval", 0, "--keep-checkpoints", 3]
+    assert run(*flags) == 0
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step_000004" / "run.json").is_file()
+    (root / "latest").write_text("")
+    capsys.readouterr()
+    assert run(*flags[2:], "--max-steps", 5, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "not a complete checkpoint; resuming from the newest complete one" in out and "at step 4" in out
+    assert (root / "latest").read_text() == "step_000005"
+    os.remove(root / "step_000005" / "run.json")  # a checkpoint interrupted before it was complete
+    (root / "latest").write_text("step_000005")
+    assert run(*flags[2:], "--max-steps", 6, "--resume") == 0
+    assert "at step 4" in capsys.readouterr().out
+
+
+def test_nonfinite_weights_stop_and_are_never_published(run, tmp_path, capsys):
+    """Item 2 (engine): a NaN model evaluated to nan, was checkpointed as latest, and the run exited 0."""
+    flags = ["--max-steps", 8, "--ckpt-interval", 2, "--eval-interval", 4, "--inject-nonfinite", "weights:3"]
+    assert run(*flags) == 4
+    out = capsys.readouterr().out
+    assert "the weights are not finite, so no checkpoint of them is written" in out
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+    assert run(*flags[:-2], "--eval-interval", 0, "--inject-nonfinite", "weights:1", out="b") == 4
+    assert not (tmp_path / "b" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(cache_dir, tmp_path):
+    """Item 3: SIGTERM to the top ``deepspeed`` process (a job scheduler's stop) ended it at once while both ranks
+    kept training."""
+    import psutil
+
+    out = tmp_path / "ds"
+    cmd = [*DEEPSPEED, "engine/train.py", "--deepspeed_config", "configs/pisa_zero3.json"]
+    cmd += [*TINY, "--cache-dir", cache_dir, "--out-dir", str(out), "--max-steps", "100000", "--ckpt-interval", "2"]
+    cmd += ["--eval-interval", "0", "--schedule", "constant"]
+    log = open(tmp_path / "ds.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ranks = []
+    try:
+        latest = out / "checkpoints" / "latest"
+        _wait_for_checkpoint(proc, latest, 2, timeout=240)
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(a.startswith("--local_rank") for a in p.cmdline())
+        ]
+        assert len(ranks) == 2
+        first = latest.read_text().strip()
+        proc.send_signal(signal.SIGTERM)  # the top process only
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(ranks, timeout=180)
+        assert not alive, "ranks outlived their launcher"
+    finally:
+        for p in ranks:
+            if p.is_running():
+                p.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "ds.log").read_text()
+    assert "launcher process" in text and "stopped at step" in text, text[-3000:]
+    final = latest.read_text().strip()
+    assert final > first and (out / "checkpoints" / final / "run.json").is_file()
