@@ -29,7 +29,7 @@ pytest.importorskip("transformers")
 import pisa_zero.deepspeed as pds  # noqa: E402
 from pisa_zero.integrations.deepspeed import config as ds_config  # noqa: E402
 from pisa_zero.integrations.deepspeed import layout as ds_layout  # noqa: E402
-from tests.distributed import run_distributed  # noqa: E402
+from tests.distributed import run_distributed, run_scenarios  # noqa: E402
 from tests.ds_scripts import checks as K  # noqa: E402
 from tests.ds_scripts import common as C  # noqa: E402
 
@@ -155,98 +155,130 @@ def test_register_is_reversible():
 
 
 # ------------------------------------------------------------------------------------------ 2 CPU ranks
+# Each test below is one launch of 2 ranks running all of its configurations (tests/distributed.run_scenarios), and
+# reports one test id per configuration: a failing configuration no longer hides the others.
+SCHED_COSINE = {
+    "type": "WarmupCosineLR",
+    "params": {"total_num_steps": 20, "warmup_num_steps": 5, "warmup_min_ratio": 0.1},
+}
+STAGE_CFGS = {
+    "z1": C.ds_config(1, 2),
+    "z2": C.ds_config(2, 2),
+    "z3": C.ds_config(3, 2, zero={"sub_group_size": 3000}),
+    "z2_accum_clip_sched": C.ds_config(2, 2, accum=2, gradient_clipping=0.5, scheduler=SCHED_COSINE),
+}
+NSISA_CFGS = {
+    "z1": C.ds_config(1, 2, params=NSISA),
+    "z2": C.ds_config(2, 2, params=NSISA),
+    "z3": C.ds_config(3, 2, params=NSISA, zero={"sub_group_size": 3000}),
+}
+SCHEDS = {
+    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 4, "warmup_type": "linear"},
+    "WarmupDecayLR": {"total_num_steps": 8, "warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 3},
+    "WarmupCosineLR": {"total_num_steps": 8, "warmup_num_steps": 3, "warmup_min_ratio": 0.0},
+}
+SCHED_CFGS = {name: C.ds_config(2, 2, scheduler={"type": name, "params": p}) for name, p in SCHEDS.items()}
+SCHED_CFGS["fp32_z3"] = C.ds_config(3, 2, params=NSISA)
+SCHED_CFGS["bf16_z3"] = C.ds_config(3, 2, params=NSISA, bf16={"enabled": True})
+SCHED_CFGS["bf16_z2"] = C.ds_config(2, 2, params=NSISA, bf16={"enabled": True})  # gets check_grad_overflow
+SCHED_CFGS["off_z2"] = C.ds_config(2, 2, zero={"offload_optimizer": {"device": "cpu"}})
+SCHED_CFGS["off_z3"] = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu"}})
+SCHED_CFGS["fp32_z2"] = C.ds_config(2, 2)
+SCHED_STEPS = {name: 8 for name in SCHEDS} | {"fp32_z3": 20, "bf16_z3": 20, "bf16_z2": 20, "off_z2": 10, "off_z3": 10}
+SCHED_STEPS["fp32_z2"] = 10
+
+
+def _job(fn, **kwargs):
+    return lambda rank, world: getattr(K, fn)(rank, world, **kwargs)
+
+
+LAUNCHES = {
+    "stages": lambda: {k: _job("train_and_gather", cfg=c, steps=20) for k, c in STAGE_CFGS.items()},
+    "nsisa": lambda: (
+        {k: _job("train_and_gather", cfg=c, steps=10) for k, c in NSISA_CFGS.items()}
+        | {"unhooked": _job("unhooked_nsisa", cfg=C.ds_config(2, 2))}
+    ),
+    "schedulers": lambda: {k: _job("train_and_gather", cfg=c, steps=SCHED_STEPS[k]) for k, c in SCHED_CFGS.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def ds_runs():
+    runs = {}
+
+    def results(launch, name):
+        if launch not in runs:
+            runs[launch] = run_scenarios(LAUNCHES[launch](), 2, timeout=400)
+        return runs[launch][name][0]
+
+    return results
+
+
 @pytest.mark.slow
-def test_zero_stages_match_single_process():
+@pytest.mark.parametrize("name", list(STAGE_CFGS))
+def test_zero_stages_match_single_process(ds_runs, name):
     """ZeRO-1/2/3 fp32 (sisa) == single-process PISA after 20 steps; ZeRO-2 also with gradient accumulation,
     clipping and a DeepSpeed WarmupCosineLR schedule; ZeRO-3 with several sub-groups."""
-    sched = {
-        "type": "WarmupCosineLR",
-        "params": {"total_num_steps": 20, "warmup_num_steps": 5, "warmup_min_ratio": 0.1},
-    }
-    cfgs = {
-        "z1": C.ds_config(1, 2),
-        "z2": C.ds_config(2, 2),
-        "z3": C.ds_config(3, 2, zero={"sub_group_size": 3000}),
-        "z2_accum_clip_sched": C.ds_config(2, 2, accum=2, gradient_clipping=0.5, scheduler=sched),
-    }
-    jobs = [(k, "train_and_gather", {"cfg": c, "steps": 20}) for k, c in cfgs.items()]
-    res = run_distributed(_many, 2, jobs, timeout=400)[0]
-    for k, cfg in cfgs.items():
-        w, losses, hyper, info = res[k]
-        ref, ref_losses, _ = reference(cfg, 20)
-        err = C.rel_err(w, ref)
-        assert err <= FP32_TOL, (k, err)
-        assert info["basic_type"] == "PISA" and info["state_keys"] == ["dual", "second_moment", "step"], info
-    assert res["z3"][3]["n_partitions"] > 2  # several ZeRO-3 sub-groups, each its own step() call
-    assert res["z1"][3]["optimizer_type"] == "DeepSpeedZeroOptimizer"
-    assert res["z3"][3]["optimizer_type"] == "DeepSpeedZeroOptimizer_Stage3"
-    losses = res["z2"][1]
-    assert losses[-1] < losses[0]
+    w, losses, hyper, info = ds_runs("stages", name)
+    ref, ref_losses, _ = reference(STAGE_CFGS[name], 20)
+    err = C.rel_err(w, ref)
+    assert err <= FP32_TOL, (name, err)
+    assert info["basic_type"] == "PISA" and info["state_keys"] == ["dual", "second_moment", "step"], info
+    if name == "z3":
+        assert info["n_partitions"] > 2  # several ZeRO-3 sub-groups, each its own step() call
+        assert info["optimizer_type"] == "DeepSpeedZeroOptimizer_Stage3"
+    if name == "z1":
+        assert info["optimizer_type"] == "DeepSpeedZeroOptimizer"
+    if name == "z2":
+        assert losses[-1] < losses[0]
 
 
 @pytest.mark.slow
-def test_nsisa_whole_matrices_on_zero_1_2_3():
+@pytest.mark.parametrize("name", [*NSISA_CFGS, "unhooked"])
+def test_nsisa_whole_matrices_on_zero_1_2_3(ds_runs, name):
     """NSISA (block matrices) + auxiliary AdamW (the rest) on ZeRO-1/2/3 == single-process, 10 steps; and the
     unhooked path (plain deepspeed.initialize with a PISA nsisa callable) refuses the flat partitions."""
-    cfgs = {
-        "z1": C.ds_config(1, 2, params=NSISA),
-        "z2": C.ds_config(2, 2, params=NSISA),
-        "z3": C.ds_config(3, 2, params=NSISA, zero={"sub_group_size": 3000}),
-    }
-    jobs = [(k, "train_and_gather", {"cfg": c, "steps": 10}) for k, c in cfgs.items()]
-    jobs.append(("unhooked", "unhooked_nsisa", {"cfg": C.ds_config(2, 2)}))
-    res = run_distributed(_many, 2, jobs, timeout=400)[0]
-    for k, cfg in cfgs.items():
-        w, losses, _, info = res[k]
-        ref, _, ref_opt = reference(cfg, 10)
-        assert [g["preconditioner"] for g in ref_opt.param_groups] == ["nsisa", "adamw"]
-        err = C.rel_err(w, ref)
-        assert err <= FP32_TOL, (k, err)
-        assert {"momentum", "exp_avg", "exp_avg_sq", "dual"} <= set(info["state_keys"]), info
-    assert res["unhooked"] is not None and "flat 1-D partition" in res["unhooked"]
+    if name == "unhooked":
+        message = ds_runs("nsisa", name)
+        assert message is not None and "flat 1-D partition" in message
+        return
+    w, losses, _, info = ds_runs("nsisa", name)
+    ref, _, ref_opt = reference(NSISA_CFGS[name], 10)
+    assert [g["preconditioner"] for g in ref_opt.param_groups] == ["nsisa", "adamw"]
+    err = C.rel_err(w, ref)
+    assert err <= FP32_TOL, (name, err)
+    assert {"momentum", "exp_avg", "exp_avg_sq", "dual"} <= set(info["state_keys"]), info
 
 
 @pytest.mark.slow
-def test_schedulers_bf16_and_offload():
+@pytest.mark.parametrize("name", [*SCHEDS, "bf16_z3", "bf16_z2", "off_z2", "off_z3"])
+def test_schedulers_bf16_and_offload(ds_runs, name):
     """DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR drive σ, ρ through lr; bf16 ZeRO-3 tracks fp32;
     CPU offload at ZeRO-2 and ZeRO-3 == no offload (bit-identical)."""
-    scheds = {
-        "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 4, "warmup_type": "linear"},
-        "WarmupDecayLR": {"total_num_steps": 8, "warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 3},
-        "WarmupCosineLR": {"total_num_steps": 8, "warmup_num_steps": 3, "warmup_min_ratio": 0.0},
-    }
-    cfgs = {name: C.ds_config(2, 2, scheduler={"type": name, "params": p}) for name, p in scheds.items()}
-    cfgs["fp32_z3"] = C.ds_config(3, 2, params=NSISA)
-    cfgs["bf16_z3"] = C.ds_config(3, 2, params=NSISA, bf16={"enabled": True})
-    cfgs["bf16_z2"] = C.ds_config(2, 2, params=NSISA, bf16={"enabled": True})  # gets check_grad_overflow
-    cfgs["off_z2"] = C.ds_config(2, 2, zero={"offload_optimizer": {"device": "cpu"}})
-    cfgs["off_z3"] = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu"}})
-    cfgs["fp32_z2"] = C.ds_config(2, 2)
-    steps = {name: 8 for name in scheds} | {"fp32_z3": 20, "bf16_z3": 20, "bf16_z2": 20, "off_z2": 10, "off_z3": 10}
-    steps["fp32_z2"] = 10
-    jobs = [(k, "train_and_gather", {"cfg": c, "steps": steps[k]}) for k, c in cfgs.items()]
-    res = run_distributed(_many, 2, jobs, timeout=400)[0]
-    sigma, rho = 2.0, 50.0
-    lr_ref = 1.0 / (sigma + rho)
-    for name in scheds:
-        w, _, hyper, _ = res[name]
+    res = lambda k: ds_runs("schedulers", k)  # noqa: E731
+    if name in SCHEDS:
+        sigma, rho = 2.0, 50.0
+        lr_ref = 1.0 / (sigma + rho)
+        w, _, hyper, _ = res(name)
         lrs = [h[0] for h in hyper]
         assert lrs[0] == 0.0 and max(lrs) > 0 and len(set(lrs)) > 3, (name, lrs)
         for lr, s, r in hyper:
             if lr > 0:
                 assert s == pytest.approx(sigma * lr_ref / lr, rel=1e-12) and r == pytest.approx(rho * lr_ref / lr)
-        ref, _, _ = reference(cfgs[name], 8)
+        ref, _, _ = reference(SCHED_CFGS[name], 8)
         assert C.rel_err(w, ref) <= FP32_TOL, name
-    bf16_err = C.rel_err(res["bf16_z3"][0], res["fp32_z3"][0])
-    assert 0 < bf16_err <= BF16_TOL, bf16_err
-    loss_gap = max(abs(a - b) for a, b in zip(res["bf16_z3"][1], res["fp32_z3"][1]))
-    assert loss_gap <= BF16_LOSS_TOL, loss_gap
-    assert res["bf16_z3"][1][-1] < res["bf16_z3"][1][0] - 0.3
-    assert C.rel_err(res["bf16_z2"][0], res["fp32_z3"][0]) <= BF16_TOL
-    assert res["off_z2"][3]["offload"] and res["off_z3"][3]["offload"]
-    for k in ("off_z2", "off_z3"):
-        w = res[k][0]
-        assert all(torch.equal(w[n], res["fp32_z2"][0][n]) for n in w), k
+    elif name == "bf16_z3":
+        bf16_err = C.rel_err(res("bf16_z3")[0], res("fp32_z3")[0])
+        assert 0 < bf16_err <= BF16_TOL, bf16_err
+        loss_gap = max(abs(a - b) for a, b in zip(res("bf16_z3")[1], res("fp32_z3")[1]))
+        assert loss_gap <= BF16_LOSS_TOL, loss_gap
+        assert res("bf16_z3")[1][-1] < res("bf16_z3")[1][0] - 0.3
+    elif name == "bf16_z2":
+        assert C.rel_err(res("bf16_z2")[0], res("fp32_z3")[0]) <= BF16_TOL
+    else:  # off_z2, off_z3
+        assert res(name)[3]["offload"]
+        w = res(name)[0]
+        assert all(torch.equal(w[n], res("fp32_z2")[0][n]) for n in w), name
 
 
 @pytest.mark.slow
