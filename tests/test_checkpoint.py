@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _consensus_common import agent_pools, loss_fn, make_model, max_rel_err, rank_batch  # noqa: E402
-from distributed import run_distributed  # noqa: E402
+from distributed import run_scenarios  # noqa: E402
 
 from pisa_zero import PISA, checkpoint  # noqa: E402
 from pisa_zero.consensus import AgentTopology  # noqa: E402
@@ -65,103 +65,150 @@ def mode_a(world):
     return prepare(model, groups=groups(model), **HP)
 
 
-def _save_4(rank, world, root):
-    out = {}
+def _save_mode_a(rank, world, root):
     # mode A: save at SAVE_AT, keep going to TOTAL (the uninterrupted run)
     model, opt = mode_a(world)
     train(model, opt, 0, SAVE_AT, shard=rank, shards=world)
     checkpoint.save(os.path.join(root, "a"), model, opt, extra={"step": SAVE_AT, "rank": rank})
     train(model, opt, SAVE_AT, TOTAL, shard=rank, shards=world)
-    out["a_final"] = weights(model)
-    # mode B, 2 agents × 2 shards, unequal batches: every agent's own state is saved
+    return {"a_final": weights(model)}
+
+
+def _mode_b_model():
     topo = AgentTopology.build(agents=2)
     model = make_model()
-    model, opt = prepare(model, topo, groups=groups(model), **HP)
+    return topo, *prepare(model, topo, groups=groups(model), **HP)
+
+
+def _save_mode_b(rank, world, root):
+    # mode B, 2 agents × 2 shards, unequal batches: every agent's own state is saved
+    topo, model, opt = _mode_b_model()
     train(model, opt, 0, SAVE_AT, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
     checkpoint.save(os.path.join(root, "b"), model, opt)
-    out["b_weights"] = weights(model)
-    out["b_state"] = opt_state(model, opt)
-    out["b_alpha"] = topo.alpha
+    out = {"b_weights": weights(model), "b_state": opt_state(model, opt), "b_alpha": topo.alpha}
     train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
     out["b_final"] = weights(model)
+    return out
+
+
+def _save_refused(rank, world, root):
     # a NaN in rank 3's shard only: every rank refuses the save (no deadlock), "b" stays the published one
+    topo, model, opt = _mode_b_model()
+    train(model, opt, 0, 1, 2, topo.agent_index, topo.shard_index, 2, sizes=[6, 10])
     if rank == 3:
         with torch.no_grad():
             model.inp.weight.to_local()[0, 0] = float("nan")
     try:
         checkpoint.save(os.path.join(root, "b"), model, opt)
     except ValueError as e:
-        out["refused"] = str(e)
+        return str(e)
+    return None
+
+
+def _load_mode_a(rank, world, root):
+    model, opt = mode_a(world)
+    extra = checkpoint.load(os.path.join(root, "a"), model, opt)
+    train(model, opt, SAVE_AT, TOTAL, shard=rank, shards=world)
+    return {"extra": extra, "a_final": weights(model)}
+
+
+def _load_mode_b(rank, world, root):
+    # the same 2 agents on 1 rank each (k: 2 → 1): per-agent state preserved
+    topo, model, opt = _mode_b_model()
+    checkpoint.load(os.path.join(root, "b"), model, opt)
+    out = {"b_weights": weights(model), "b_state": opt_state(model, opt)}
+    train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, 0, 1, sizes=[6, 10])  # continue with k = 1
+    out["b_final"] = weights(model)
     return out
 
 
-def _load_2(rank, world, root):
-    out = {}
-    model, opt = mode_a(world)
-    extra = checkpoint.load(os.path.join(root, "a"), model, opt)
-    out["extra"] = extra
-    train(model, opt, SAVE_AT, TOTAL, shard=rank, shards=world)
-    out["a_final"] = weights(model)
-    # the same 2 agents on 1 rank each (k: 2 → 1): per-agent state preserved
-    topo = AgentTopology.build(agents=2)
-    model = make_model()
-    model, opt = prepare(model, topo, groups=groups(model), **HP)
-    checkpoint.load(os.path.join(root, "b"), model, opt)
-    out["b_weights"] = weights(model)
-    out["b_state"] = opt_state(model, opt)
-    train(model, opt, SAVE_AT, TOTAL, 2, topo.agent_index, 0, 1, sizes=[6, 10])  # continue with k = 1
-    out["b_final"] = weights(model)
+def _load_merged(rank, world, root):
     # 2 agents merged into 1 (mode A over 2 ranks): α-weighted average of their states
     model, opt = mode_a(world)
     checkpoint.load(os.path.join(root, "b"), model, opt)
-    out["merged_state"] = opt_state(model, opt)
-    return out
+    return opt_state(model, opt)
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """Saved on 4 ranks, then loaded on 2 (one launch each; every scenario its own test below)."""
+    root = str(tmp_path_factory.mktemp("reshard"))
+    saved = run_scenarios({"a": _save_mode_a, "b": _save_mode_b, "refused": _save_refused}, 4, root, timeout=240)
+    loaded = run_scenarios({"a": _load_mode_a, "b": _load_mode_b, "merged": _load_merged}, 2, root, timeout=240)
+    return root, saved, loaded
+
+
+def _double(ws):
+    return {k: v.double() for k, v in ws.items()}
 
 
 @pytest.mark.slow
-def test_save_4_ranks_load_2_and_1(tmp_path):
-    root = str(tmp_path)
-    saved = run_distributed(_save_4, 4, root, timeout=240)
-    assert os.path.islink(os.path.join(root, "a")) and os.path.isfile(os.path.join(root, "a", checkpoint.META))
-    assert all("non-finite values (inf/NaN) in 'model.inp.weight' on rank 3" in r["refused"] for r in saved)
-    assert len([p for p in os.listdir(root) if p.startswith("b.v-")]) == 1
-    loaded = run_distributed(_load_2, 2, root, timeout=240)
-
+def test_mode_a_4_ranks_to_2(resharded):
     # mode A: 4 ranks → 2 ranks → continue == uninterrupted (fp32 round-off: gradient sums over 2 vs 4 ranks)
-    assert [r["extra"] for r in loaded] == [{"step": SAVE_AT, "rank": 0}, {"step": SAVE_AT, "rank": 1}]
-    assert max_rel_err(loaded[0]["a_final"], {k: v.double() for k, v in saved[0]["a_final"].items()}) <= 1e-5
+    root, saved, loaded = resharded
+    assert os.path.islink(os.path.join(root, "a")) and os.path.isfile(os.path.join(root, "a", checkpoint.META))
+    assert [r["extra"] for r in loaded["a"]] == [{"step": SAVE_AT, "rank": 0}, {"step": SAVE_AT, "rank": 1}]
+    assert max_rel_err(loaded["a"][0]["a_final"], _double(saved["a"][0]["a_final"])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_mode_a_4_ranks_to_1_process(resharded):
     # ... and → 1 process without torch.distributed
+    root, saved, _ = resharded
     model = make_model()
     opt = PISA(groups(model), **HP)
     assert checkpoint.load(os.path.join(root, "a"), model, opt) == {"step": SAVE_AT, "rank": 0}
     train(model, opt, SAVE_AT, TOTAL)
-    assert max_rel_err(weights(model), {k: v.double() for k, v in saved[0]["a_final"].items()}) <= 1e-5
+    assert max_rel_err(weights(model), _double(saved["a"][0]["a_final"])) <= 1e-5
 
+
+@pytest.mark.slow
+def test_mode_b_per_agent_state_kept_from_4_ranks_to_2(resharded):
     # mode B: agent i's state on 2 ranks (k = 2 → 1) is exactly what agent i saved on 4 ranks; agents differ
+    _, saved, loaded = resharded
+    saved_b, loaded_b = saved["b"], loaded["b"]
     agent_of_rank4 = {0: 0, 2: 1}
     for new_rank, old_rank in ((0, 0), (1, 2)):
-        got, want = loaded[new_rank]["b_state"], saved[old_rank]["b_state"]
+        got, want = loaded_b[new_rank]["b_state"], saved_b[old_rank]["b_state"]
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), (agent_of_rank4[old_rank], key)
-        for n, w in saved[0]["b_weights"].items():
-            assert torch.equal(loaded[new_rank]["b_weights"][n], w)
+        for n, w in saved_b[0]["b_weights"].items():
+            assert torch.equal(loaded_b[new_rank]["b_weights"][n], w)
+    duals = [k for k in saved_b[0]["b_state"] if k[1] == "dual"]
+    assert duals and any(not torch.equal(saved_b[0]["b_state"][k], saved_b[2]["b_state"][k]) for k in duals)
+
+
+@pytest.mark.slow
+def test_mode_b_continues_as_if_uninterrupted(resharded):
     # ... and training continues as if uninterrupted (fp32 round-off: gradient sums over 1 vs 2 ranks per agent)
-    assert max_rel_err(loaded[0]["b_final"], {k: v.double() for k, v in saved[0]["b_final"].items()}) <= 1e-5
-    duals = [k for k in saved[0]["b_state"] if k[1] == "dual"]
-    assert duals and any(not torch.equal(saved[0]["b_state"][k], saved[2]["b_state"][k]) for k in duals)
+    _, saved, loaded = resharded
+    assert max_rel_err(loaded["b"][0]["b_final"], _double(saved["b"][0]["b_final"])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_mode_b_merged_into_one_agent(resharded):
     # merge rule: α-weighted average of the two agents' states (α = 6/16 and 10/16)
-    a0, a1 = saved[0]["b_alpha"], saved[2]["b_alpha"]
+    root, saved, loaded = resharded
+    saved_b, merged = saved["b"], loaded["merged"][0]
+    a0, a1 = saved_b[0]["b_alpha"], saved_b[2]["b_alpha"]
     assert (a0, a1) == pytest.approx((6 / 16, 10 / 16))
-    for key, got in loaded[0]["merged_state"].items():
-        want = a0 * saved[0]["b_state"][key] + a1 * saved[2]["b_state"][key]
+    for key, got in merged.items():
+        want = a0 * saved_b[0]["b_state"][key] + a1 * saved_b[2]["b_state"][key]
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     # ... and in one process (2 agents → 1, no torch.distributed)
     model = make_model()
     opt = PISA(groups(model), **HP)
     checkpoint.load(os.path.join(root, "b"), model, opt)
     for key, got in opt_state(model, opt).items():
-        torch.testing.assert_close(got, loaded[0]["merged_state"][key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got, merged[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_nonfinite_shard_on_one_rank_refused_on_every_rank(resharded):
+    root, saved, _ = resharded
+    assert all("non-finite values (inf/NaN) in 'model.inp.weight' on rank 3" in r for r in saved["refused"])
+    assert len([p for p in os.listdir(root) if p.startswith("b.v-")]) == 1  # nothing new written
 
 
 def _killed_writer(path):
