@@ -13,12 +13,13 @@ engine/train.py (forward, cross-entropy in fp32, backward, the finite check, ste
   block and the root + ``torch.optim.AdamW(fused=True)`` / ``torch.optim.Muon`` + fused AdamW for the baselines);
 - ``fsdp2-B``: PISA mode B with 2 agents × 1 shard; the baselines on the same (2 replicate × 1 shard) HSDP mesh.
 
-Throughput: one launch (2 fresh rank processes) per back end builds all four optimizers, warms each up, then runs
-``--rounds`` rounds of ``--steps`` timed steps (barrier, step, barrier) of each, interleaved in a different order
-each round, so load from other work on the machine falls on all of them alike; tokens/s from the median step.
-Memory per rank: the allocator peak of each optimizer's own tensors over its construction and warm-up (rebuilt from
-the torch profiler's memory events, as in scripts/comm_account.py; the profiler stops before the timed steps), and
-peak RSS (VmHWM, the whole process) from one more fresh pair of processes per optimizer that builds it and warms up.
+One launch (2 fresh rank processes) per back end holds all four optimizers (each on its own copy of the model):
+it builds each in turn and warms it up — its RSS is the rise of the peak RSS (VmHWM) over the RSS just before,
+after freed memory was handed back to the OS and the counter restarted — then runs ``--rounds`` rounds of
+``--steps`` timed steps (barrier, step, barrier) of each, interleaved in a different order each round, so load from
+other work on the machine falls on all of them alike (tokens/s from the median step); last, it rebuilds each alone
+and runs one step under the torch profiler: the allocator peak of that optimizer's tensors (live bytes allocated in
+the window, rebuilt from the profiler's memory events as in scripts/comm_account.py).
 Results are cached in ``--results`` (JSON lines): a rerun resumes, and re-renders the page for free.
 """
 
@@ -238,12 +239,27 @@ def window_peaks(events, names: list[str]) -> dict[str, int]:
     return peaks
 
 
-def worker(spec: dict, out_path: str) -> None:
-    """One rank of one launch.
+def _settle_rss() -> float:
+    """Free what can be freed and hand it back to the OS, restart the peak-RSS counter; the current RSS (MiB)."""
+    import ctypes
+    import gc
 
-    ``timing``: build every optimizer of the back end (each inside its own profiler window: its allocator peak),
-    warm each up, then ``rounds`` × (every optimizer, rotated order, ``steps`` timed steps).
-    ``rss``: build one optimizer in fresh processes, warm up, report the process's peak RSS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    return _status_kib("VmRSS") / 1024
+
+
+def worker(spec: dict, out_path: str) -> None:
+    """One rank of one launch: every optimizer of the back end, in one pair of processes.
+
+    1. For each optimizer in turn: build it and run the warm-up steps; its peak RSS is the rise of the process's
+       VmHWM over the RSS just before (freed memory handed back first, the counter restarted).
+    2. ``rounds`` × (every optimizer, a rotated order, ``steps`` timed steps): interleaved throughput.
+    3. For each optimizer: drop it, rebuild it and run one step inside a profiler session: its allocator peak (live
+       tensor bytes allocated in that window). A short session per optimizer: one over everything holds GBs of
+       events under ZeRO-3."""
     import torch
 
     torch.set_num_threads(1)
@@ -264,45 +280,49 @@ def worker(spec: dict, out_path: str) -> None:
     batches = Batches(corpus.train, spec["block_size"], spec["batch_size"], seed=0, stream=rank)
     build = build_deepspeed if spec["backend"] == "deepspeed" else build_fsdp
     result = {"rank": rank, "world": world, "params": sum(p.numel() for p in model_for(spec).parameters())}
-    if spec["kind"] == "rss":
-        result["rss_start_mib"] = _status_kib("VmRSS") / 1024
-        step, _ = build(spec)
+    steps, errors, rss = {}, {}, {}
+    for opt in spec["optimizers"]:
+        dist.barrier()
+        before = _settle_rss()
+        try:  # a configuration the framework refuses is reported, not fatal to the others
+            steps[opt], _ = build({**spec, "optimizer": opt})
+        except Exception as e:  # noqa: BLE001
+            errors[opt] = f"{type(e).__name__}: {e}"
+            continue
         for s in range(spec["warmup"]):
-            step(*batches.get(s))
-        result["rss_peak_mib"] = _status_kib("VmHWM") / 1024
-    else:
-        steps, result["errors"] = {}, {}
+            steps[opt](*batches.get(s))
+        rss[opt] = _status_kib("VmHWM") / 1024 - before
+    step_s = {o: [] for o in steps}
+    order, s = list(steps), spec["warmup"]
+    for rnd in range(spec["rounds"]):
+        for opt in order[rnd % len(order) :] + order[: rnd % len(order)]:
+            times = []
+            for _ in range(spec["steps"]):
+                x, y = batches.get(s)
+                s += 1
+                dist.barrier()
+                start = time.perf_counter()
+                steps[opt](x, y)
+                dist.barrier()
+                times.append(time.perf_counter() - start)
+            step_s[opt].append(times)
+    allocator = {}
+    for opt in order:
+        del steps[opt]
+        _settle_rss()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            for opt in spec["optimizers"]:
-                with record_function(f"build_{opt}"):
-                    try:  # a configuration the framework refuses is reported, not fatal to the others
-                        steps[opt], _ = build({**spec, "optimizer": opt})
-                    except Exception as e:  # noqa: BLE001
-                        result["errors"][opt] = f"{type(e).__name__}: {e}"
-                        continue
-                    for s in range(spec["warmup"]):
-                        steps[opt](*batches.get(s))
+            with record_function("window"):
+                step, _ = build({**spec, "optimizer": opt})
+                step(*batches.get(0))
+        del step
         with tempfile.TemporaryDirectory() as tmp:
             trace = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(trace)
+            del prof
             with open(trace) as f:
-                peaks = window_peaks(json.load(f)["traceEvents"], [f"build_{o}" for o in spec["optimizers"]])
-        del prof
-        result["allocator_peak_mib"] = {o: peaks[f"build_{o}"] / 2**20 for o in steps}
-        result["step_s"] = {o: [] for o in steps}
-        order, s = list(steps), spec["warmup"]
-        for rnd in range(spec["rounds"]):
-            for opt in order[rnd % len(order) :] + order[: rnd % len(order)]:
-                times = []
-                for _ in range(spec["steps"]):
-                    x, y = batches.get(s)
-                    s += 1
-                    dist.barrier()
-                    start = time.perf_counter()
-                    steps[opt](x, y)
-                    dist.barrier()
-                    times.append(time.perf_counter() - start)
-                result["step_s"][opt].append(times)
+                allocator[opt] = window_peaks(json.load(f)["traceEvents"], ["window"])["window"] / 2**20
+    result.update(errors=errors, rss_rise_mib=rss, step_s=step_s, allocator_peak_mib=allocator)
+    result["rss_peak_mib"] = _status_kib("VmHWM") / 1024
     with open(out_path, "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -353,9 +373,7 @@ def launch(spec: dict, timeout: float, script: str = __file__) -> dict:
 
 
 def describe(spec: dict) -> str:
-    if spec["kind"] == "timing":
-        return f"{spec['backend']} timing ({', '.join(spec['optimizers'])})"
-    return f"{spec['backend']} {spec['optimizer']} peak RSS"
+    return f"{spec['backend']} ({', '.join(spec['optimizers'])})"
 
 
 def key(spec: dict) -> str:
@@ -369,21 +387,17 @@ def summarize(results: list[dict]) -> dict:
     out = {}
     for r in results:
         ranks = r["ranks"]
-        if r["kind"] == "timing":
-            for opt, error in ranks[0].get("errors", {}).items():
-                out.setdefault((r["backend"], opt), {})["error"] = error
-            tokens = ranks[0]["world"] * r["batch_size"] * r["block_size"]
-            for opt, rounds in ranks[0]["step_s"].items():  # barrier to barrier: the same on both ranks
-                per_round = [tokens / statistics.median(t) for t in rounds]
-                entry = out.setdefault((r["backend"], opt), {})
-                entry["tokens_per_s"] = tokens / statistics.median([t for ts in rounds for t in ts])
-                entry["tokens_per_s_range"] = (min(per_round), max(per_round))
-                entry["allocator_mib"] = max(x["allocator_peak_mib"][opt] for x in ranks)
-                entry["params"] = ranks[0]["params"]
-        else:
-            entry = out.setdefault((r["backend"], r["optimizer"]), {})
-            entry["rss_mib"] = max(x["rss_peak_mib"] for x in ranks)
-            entry["rss_start_mib"] = max(x["rss_start_mib"] for x in ranks)
+        for opt, error in ranks[0]["errors"].items():
+            out.setdefault((r["backend"], opt), {})["error"] = error
+        tokens = ranks[0]["world"] * r["batch_size"] * r["block_size"]
+        for opt, rounds in ranks[0]["step_s"].items():  # barrier to barrier: the same on both ranks
+            per_round = [tokens / statistics.median(t) for t in rounds]
+            entry = out.setdefault((r["backend"], opt), {})
+            entry["tokens_per_s"] = tokens / statistics.median([t for ts in rounds for t in ts])
+            entry["tokens_per_s_range"] = (min(per_round), max(per_round))
+            entry["allocator_mib"] = max(x["allocator_peak_mib"][opt] for x in ranks)
+            entry["rss_mib"] = max(x["rss_rise_mib"][opt] for x in ranks)
+            entry["params"] = ranks[0]["params"]
     return out
 
 
@@ -396,13 +410,13 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
         f"Command: `{args.command}`  ",
         f"Model: GPT-2 from a config, {args.layers} layers × {args.width}, vocabulary 256, {params / 1e6:.2f}M "
         f"parameters, fp32; data: the engine's corpus (stdlib source, bytes), {args.batch_size} × {args.block_size} "
-        "tokens per rank per step, 2 gloo CPU ranks, one thread each. Throughput: one launch per back end builds all "
-        f"four optimizers, warms each up ({args.warmup} steps), then runs {args.rounds} rounds of {args.steps} timed "
-        "steps of each, interleaved (a different order each round); tokens/s from the median step. Memory: the "
-        "allocator peak of each optimizer's own tensors (model, gradients, state, activations, temporaries) over its "
-        "construction and warm-up, from the torch profiler's memory events; peak RSS (VmHWM, whole process, "
-        "including the ~0.5 GiB of imported libraries) from a separate fresh pair of processes per optimizer that "
-        f"builds it and runs the warm-up steps. PISA: σ = 30, ρ = 100, kernels: {args.implementation} (auto: the "
+        "tokens per rank per step, 2 gloo CPU ranks, one thread each. One launch per back end holds all four "
+        "optimizers (each on its own model copy): peak RSS = the rise of VmHWM while one is built and warmed up "
+        f"({args.warmup} steps), freed memory handed back and the counter restarted before each; then {args.rounds} "
+        f"rounds of {args.steps} timed steps of each, interleaved (a different order each round), tokens/s from the "
+        "median step; allocator peak = live tensor bytes (model, gradients, state, activations, temporaries) while "
+        "each is rebuilt alone and runs one step, from the torch profiler's memory events. "
+        f"PISA: σ = 30, ρ = 100, kernels: {args.implementation} (auto: the "
         "library's default, compiled where a compiler works); "
         f"AdamW lr {ADAMW_HP['lr']:g} (fused on FSDP2, DeepSpeed's own `AdamW` under ZeRO-3), Muon lr "
         f"{MUON_HP['lr']:g} on NSISA's matrices + AdamW on the rest.",
@@ -413,8 +427,8 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
         "low and noisy; the ratios come from launches interleaved in the same rounds, and the min–max over rounds is "
         "shown so the noise can be judged.",
         "",
-        "| back end | optimizer | tokens/s (median) | min – max | vs AdamW | peak RSS MiB (max rank) | vs AdamW | "
-        "allocator peak MiB | vs AdamW |",
+        "| back end | optimizer | tokens/s (median) | per-round min – max | vs AdamW | peak RSS rise MiB (max rank) "
+        "| vs AdamW | allocator peak MiB | vs AdamW |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
@@ -489,7 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="PISA kernels (auto: the library's default, compiled where a compiler works)",
     )
-    p.add_argument("--skip-rss", action="store_true", help="no per-optimizer peak-RSS launches (throughput only)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one launch may take before it is killed")
     p.add_argument("--results", type=Path, default=Path(".cache/bench_e2e.jsonl"), help="result cache (JSON lines)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks/e2e.md"), help="the page")
@@ -507,7 +520,8 @@ def main(argv=None) -> int:
     for name in ("rounds", "warmup", "steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"invalid --{name}={getattr(args, name)}: expected >= 1")
-    args.command = "python scripts/bench_e2e.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--cached-only"]
+    args.command = " ".join(["python scripts/bench_e2e.py", *flags])
     from engine.data import load_corpus
 
     load_corpus(args.data)  # build the corpus cache once, before any rank starts
@@ -529,11 +543,8 @@ def main(argv=None) -> int:
         implementation=args.implementation,
     )
     specs = [
-        dict(common, kind="timing", backend=b, optimizers=args.optimizers, rounds=args.rounds, steps=args.steps)
-        for b in args.backends
+        dict(common, backend=b, optimizers=args.optimizers, rounds=args.rounds, steps=args.steps) for b in args.backends
     ]
-    if not args.skip_rss:
-        specs += [dict(common, kind="rss", backend=b, optimizer=o) for o in args.optimizers for b in args.backends]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     todo, failures = [s for s in specs if key(s) not in done], []
     print(f"{len(specs)} launches: {len(specs) - len(todo)} cached, {len(todo)} to run", flush=True)

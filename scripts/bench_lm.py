@@ -153,7 +153,7 @@ class Runner:
 
     def run(self, specs: list[dict]) -> list[dict | None]:
         """The results of ``specs`` in order; None for those not run (``cached_only``)."""
-        todo = list({key(s): s for s in specs if key(s) not in self.done}.values())
+        todo = interleave(list({key(s): s for s in specs if key(s) not in self.done}.values()))
         print(f"{len(specs)} runs: {len(specs) - len(todo)} cached, {len(todo)} to run", flush=True)
         if todo and self.cached_only:
             self.missing.update(map(key, todo))
@@ -178,6 +178,22 @@ class Runner:
                 pool.close()
                 pool.join()
         return [self.done.get(key(s)) for s in specs]
+
+
+def interleave(specs: list[dict]) -> list[dict]:
+    """Run order: the optimizers in turn, each grid from its middle out, so that a run stopped early (a shared
+    machine, a deadline) has the likeliest-best points of every optimizer rather than all of one."""
+    queues = {}
+    for s in specs:
+        queues.setdefault(s["optimizer"], []).append(s)
+    for o, q in queues.items():
+        ranked = sorted(q, key=lambda s, o=o: s[KNOB[o]])
+        mid = (len(q) - 1) / 2
+        q[:] = [s for _, s in sorted(enumerate(ranked), key=lambda item, mid=mid: abs(item[0] - mid))]
+    order = []
+    while any(queues.values()):
+        order += [q.pop(0) for q in queues.values() if q]
+    return order
 
 
 def describe(spec: dict) -> str:
@@ -402,7 +418,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"invalid --steps={args.steps}: must exceed --warmup-steps and --eval-every")
     if args.jobs < 1:
         raise SystemExit(f"invalid --jobs={args.jobs}: expected >= 1")
-    args.command = "python scripts/bench_lm.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    flags = list(argv if argv is not None else sys.argv[1:])
+    for flag, takes_value in (("--cached-only", False), ("--jobs", True)):  # they do not change the results
+        if flag in flags:
+            i = flags.index(flag)
+            del flags[i : i + 1 + takes_value]
+    args.command = " ".join(["python scripts/bench_lm.py", *flags])
     args.plot = args.output.with_suffix(".png")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from engine.data import load_corpus

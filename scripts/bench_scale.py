@@ -80,6 +80,8 @@ def worker(spec: dict, out_path: str) -> None:
     batches = Batches(corpus.train, spec["block_size"], spec["batch_size"], seed=0, stream=rank)
     config = config_for(spec)
     start = time.perf_counter()
+    with torch.device("meta"):  # the lazy imports (transformers → torch._dynamo) must not run under zero.Init
+        build_model(spec["family"], spec["size"], vocab_size=corpus.vocab_size, block_size=spec["block_size"])
     with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
         model = build_model(spec["family"], spec["size"], vocab_size=corpus.vocab_size, block_size=spec["block_size"])
     params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
