@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # comm_account's allocator-peak reader
 
-BACKENDS = ("deepspeed", "fsdp2-A", "fsdp2-B")
+BACKENDS = ("fsdp2-A", "fsdp2-B", "deepspeed")
 OPTIMIZERS = ("sisa", "nsisa", "adamw", "muon")
 LABELS = {"sisa": "PISA sisa", "nsisa": "PISA nsisa + AdamW", "adamw": "AdamW", "muon": "Muon + AdamW"}
 BACKEND_LABELS = {

@@ -22,6 +22,7 @@ regenerating the page after a finished run costs nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -132,7 +133,23 @@ def run_one(spec: dict) -> dict:
             break
         if step % spec["eval_every"] == 0 or step == spec["steps"]:
             curve.append((step, val_loss()))
+            save_partial(spec, curve)
     return {**spec, "curve": curve, "seconds": time.time() - start}
+
+
+def partial_path(spec: dict) -> Path | None:
+    """Where an unfinished run keeps its curve so far (``$BENCH_LM_PARTIAL``, set by main), or None."""
+    folder = os.environ.get("BENCH_LM_PARTIAL")
+    return Path(folder) / (hashlib.sha1(key(spec).encode()).hexdigest()[:16] + ".json") if folder else None
+
+
+def save_partial(spec: dict, curve) -> None:
+    path = partial_path(spec)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**spec, "curve": curve}))
+        os.replace(tmp, path)
 
 
 def key(spec: dict) -> str:
@@ -144,7 +161,7 @@ class Runner:
 
     def __init__(self, path: Path, jobs: int, cached_only: bool = False):
         self.path, self.jobs, self.done, self.cached_only = path, jobs, {}, cached_only
-        self.missing: set[str] = set()
+        self.missing: dict[str, dict] = {}  # key -> spec of the runs not run (cached_only)
         if path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -153,10 +170,13 @@ class Runner:
 
     def run(self, specs: list[dict]) -> list[dict | None]:
         """The results of ``specs`` in order; None for those not run (``cached_only``)."""
-        todo = interleave(list({key(s): s for s in specs if key(s) not in self.done}.values()))
+        finished = {}
+        for r in self.done.values():
+            finished[r["optimizer"]] = finished.get(r["optimizer"], 0) + 1
+        todo = interleave(list({key(s): s for s in specs if key(s) not in self.done}.values()), finished)
         print(f"{len(specs)} runs: {len(specs) - len(todo)} cached, {len(todo)} to run", flush=True)
         if todo and self.cached_only:
-            self.missing.update(map(key, todo))
+            self.missing.update({key(s): s for s in todo})
         elif todo:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.jobs == 1:
@@ -180,20 +200,20 @@ class Runner:
         return [self.done.get(key(s)) for s in specs]
 
 
-def interleave(specs: list[dict]) -> list[dict]:
-    """Run order: the optimizers in turn, each grid from its middle out, so that a run stopped early (a shared
-    machine, a deadline) has the likeliest-best points of every optimizer rather than all of one."""
+def interleave(specs: list[dict], finished: dict[str, int]) -> list[dict]:
+    """Run order: the optimizers in turn — the one with the fewest finished runs first — each grid from its middle
+    out, so that a run stopped early (a shared machine, a deadline) has the likeliest-best points of every
+    optimizer rather than all of one."""
     queues = {}
     for s in specs:
         queues.setdefault(s["optimizer"], []).append(s)
+    order = []
     for o, q in queues.items():
         ranked = sorted(q, key=lambda s, o=o: s[KNOB[o]])
         mid = (len(q) - 1) / 2
-        q[:] = [s for _, s in sorted(enumerate(ranked), key=lambda item, mid=mid: abs(item[0] - mid))]
-    order = []
-    while any(queues.values()):
-        order += [q.pop(0) for q in queues.values() if q]
-    return order
+        middle_out = [s for _, s in sorted(enumerate(ranked), key=lambda item, mid=mid: abs(item[0] - mid))]
+        order += [(finished.get(o, 0) + i, OPTIMIZERS.index(o), s) for i, s in enumerate(middle_out)]
+    return [s for *_, s in sorted(order, key=lambda item: item[:2])]
 
 
 def describe(spec: dict) -> str:
@@ -355,6 +375,24 @@ def report(args, grids, best, seeds, n_params: int, corpus_note: str, missing: i
     return "\n".join(lines)
 
 
+def in_progress(partial: list[dict], finished: list[dict]) -> str:
+    """The unfinished runs' last evaluation, next to every finished run's loss at the same step (same schedule up
+    to there only if the runs have the same length, which they do: one --steps for all)."""
+    if not partial:
+        return ""
+    lines = [
+        "## Runs still in progress (validation loss at the last step each reached)",
+        "",
+        "| run | step | val loss | finished runs at that step |",
+        "|---|---:|---:|---|",
+    ]
+    for r in sorted(partial, key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r[KNOB[r["optimizer"]]])):
+        step, loss = r["curve"][-1]
+        others = ", ".join(f"{describe(f)}: {dict(f['curve'])[step]:.4f}" for f in finished if step in dict(f["curve"]))
+        lines.append(f"| {describe(r)} | {step} | {loss:.4f} | {others or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(args, seeds: dict, best: dict) -> None:
     import matplotlib
 
@@ -426,6 +464,7 @@ def main(argv=None) -> int:
     args.command = " ".join(["python scripts/bench_lm.py", *flags])
     args.plot = args.output.with_suffix(".png")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["BENCH_LM_PARTIAL"] = str(args.results) + ".partial"  # unfinished runs' curves, for partial pages
     from engine.data import load_corpus
 
     corpus = load_corpus(args.data)  # builds the byte cache once here, not in every worker; fails before any run
@@ -437,7 +476,15 @@ def main(argv=None) -> int:
     best, grids = tune(args, runner, {"adamw": args.adamw_lrs, "muon": args.muon_lrs, "pisa": args.sigmas})
     runs = runner.run([spec_for(args, o, best[o], s) for o in best for s in args.seeds])
     seeds = {o: [r for r in runs if r is not None and r["optimizer"] == o] for o in best}
+    partial = [json.loads(p.read_text()) for p in map(partial_path, runner.missing.values()) if p.exists()]
+
+    def same_settings(r):  # everything but the seed and the tuned knob
+        spec = spec_for(args, r["optimizer"], r[KNOB[r["optimizer"]]], r["seed"])
+        return all(r.get(k) == v for k, v in spec.items())
+
+    finished = [r for r in runner.done.values() if same_settings(r)]
     text = report(args, grids, best, seeds, params_of(args), corpus_note, len(runner.missing))
+    text += in_progress(partial, finished)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     plot(args, seeds, best)

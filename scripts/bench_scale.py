@@ -143,7 +143,7 @@ def report(args, rows: list[dict], skipped: list[str]) -> str:
         else:
             ratios = " | "
         lines.append(
-            f"| {r['size']} | {params / 1e6:,.0f}M | {LABELS[r['optimizer']]} (`{r['ranks'][0]['optimizer']}`) | "
+            f"| {r['size']} | {params / 1e6:,.1f}M | {LABELS[r['optimizer']]} (`{r['ranks'][0]['optimizer']}`) | "
             f"{rss:.2f} | {total:.2f} | {total * 2**30 / params:.1f} | {step:.1f} | {ratios} |"
         )
     if skipped:
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one launch may take")
     p.add_argument("--results", type=Path, default=Path(".cache/bench_scale.jsonl"), help="result cache")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks/scale.md"), help="the page")
+    p.add_argument("--cached-only", action="store_true", help="run nothing: write the page from --results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         return 0
     from bench_e2e import key, launch
 
-    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--cached-only")
     args.command = f"python scripts/bench_scale.py {flags}".rstrip()
     done = {}
     if args.results.exists():
@@ -238,6 +239,8 @@ def main(argv=None) -> int:
                 steps=args.steps,
                 implementation=args.implementation,
             )
+            if key(spec) not in done and args.cached_only:
+                continue
             if key(spec) not in done:
                 n = approx_params(args.family, size)
                 need, how = predict_gib(rows, opt, n, args.bytes_per_param)
