@@ -360,6 +360,7 @@ def launch(spec: dict, timeout: float, script: str = __file__) -> dict:
             for p in procs:
                 p.kill()
             codes = [p.wait() for p in procs]
+            logs[0].write(f"\n[killed after --timeout {timeout:g} s]\n")
         if any(codes) or not all(os.path.exists(o) for o in outs):
             logs[0].seek(0)
             tail = logs[0].read()[-3000:]
@@ -488,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="back ends to run")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), help="optimizers")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of timed steps")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer (compilation, lazy state)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per optimizer per round")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per optimizer per round")
     p.add_argument("--layers", type=int, default=4, help="GPT-2 layers")
     p.add_argument("--width", type=int, default=256, help="GPT-2 width")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="PISA kernels (auto: the library's default, compiled where a compiler works)",
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds one launch may take before it is killed")
+    p.add_argument("--timeout", type=float, default=5400.0, help="seconds one launch may take before it is killed")
     p.add_argument("--results", type=Path, default=Path(".cache/bench_e2e.jsonl"), help="result cache (JSON lines)")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks/e2e.md"), help="the page")
     p.add_argument("--cached-only", action="store_true", help="run nothing: write the page from --results")

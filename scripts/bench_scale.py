@@ -147,7 +147,7 @@ def report(args, rows: list[dict], skipped: list[str]) -> str:
             f"{rss:.2f} | {total:.2f} | {total * 2**30 / params:.1f} | {step:.1f} | {ratios} |"
         )
     if skipped:
-        lines += ["", "Not run (memory safety):", "", *[f"- {s}" for s in skipped]]
+        lines += ["", "Not run:", "", *[f"- {s}" for s in skipped]]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bytes-per-param", type=float, default=40.0, help="total-RSS guess before any size was measured")
     p.add_argument("--margin-gib", type=float, default=4.0, help="MemAvailable must exceed the prediction by this")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds one launch may take")
+    p.add_argument("--timeout", type=float, default=5400.0, help="seconds one launch may take")
     p.add_argument("--results", type=Path, default=Path(".cache/bench_scale.jsonl"), help="result cache")
     p.add_argument("--output", type=Path, default=Path("docs/benchmarks/scale.md"), help="the page")
     p.add_argument("--cached-only", action="store_true", help="run nothing: write the page from --results")
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
                 implementation=args.implementation,
             )
             if key(spec) not in done and args.cached_only:
+                skipped.append(f"{size} {LABELS[opt]}: not measured yet (rerun the command: it resumes)")
                 continue
             if key(spec) not in done:
                 n = approx_params(args.family, size)
@@ -247,8 +248,8 @@ def main(argv=None) -> int:
                 free = mem_available_gib()
                 if free < need + args.margin_gib:
                     skipped.append(
-                        f"{size} {LABELS[opt]}: {n / 1e6:,.0f}M parameters, {need:.1f} GiB total peak RSS predicted "
-                        f"({how}); MemAvailable was {free:.1f} GiB (needs the prediction + "
+                        f"{size} {LABELS[opt]}: memory safety — {n / 1e6:,.0f}M parameters, {need:.1f} GiB total "
+                        f"peak RSS predicted ({how}); MemAvailable was {free:.1f} GiB (needs the prediction + "
                         f"{args.margin_gib:g} GiB for the other engineers' work) at {time.strftime('%H:%M UTC')}"
                     )
                     print("skip:", skipped[-1], flush=True)
