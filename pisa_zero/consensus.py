@@ -89,6 +89,7 @@ class AgentTopology:
             self.shard_group = mesh.get_group("shard")
             self.shard_mesh = mesh["shard"]
         self.alpha = 1.0 / self.agents
+        self.extra_totals: list[float] = []  # the caller's floats summed by the last control all-reduce
         self._local_count: float | None = None
         self._masters: dict[tuple, Tensor] = {}  # fp32 master slices of low-precision groups (owner rank only)
         # Consensus buffers and kernel temporaries are bounded by buckets of this many elements (like DDP's
@@ -137,16 +138,21 @@ class AgentTopology:
             raise ValueError(f"set_local_batch_size: invalid n={n!r}: expected a finite number > 0")
         self._local_count = float(n)
 
-    def begin_step(self, grads: list[Tensor], check_finite: bool) -> bool:
-        """The control all-reduce: agree on skipping (non-finite gradients anywhere) and compute α. True = go."""
+    def begin_step(self, grads: list[Tensor], check_finite: bool, extra=(), veto: bool = False) -> bool:
+        """The control all-reduce: agree on skipping (non-finite gradients or a ``veto`` anywhere) and compute α.
+        True = go. ``extra`` floats ride on the same all-reduce; their sums are left in ``extra_totals``."""
         count = 1.0 if self._local_count is None else self._local_count
-        finite = F.all_finite(grads) if check_finite else True
-        total = count if finite else math.inf
-        if self.agents * self.shard_size > 1:
+        if self.agents * self.shard_size == 1:
+            finite = not veto and (not check_finite or F.all_finite(grads))
+            totals = [count if finite else math.inf, *map(float, extra)]
+        else:  # the flag stays on the device until the reduced vector is read: one host sync
             device = comm_device(grads[0].device if grads else torch.device("cpu"), self.control_group)
-            flag = torch.tensor([total], dtype=torch.float32, device=device)
-            dist.all_reduce(flag, group=self.control_group)
-            total = float(flag.item())
+            vec = torch.tensor([math.inf if veto else count, *extra], dtype=torch.float32).to(device)
+            if check_finite and grads:
+                vec[0] = torch.where(F.finite_flag(grads).to(device), vec[0], math.inf)
+            dist.all_reduce(vec, group=self.control_group)
+            totals = vec.tolist()
+        total, self.extra_totals = totals[0], totals[1:]
         if not math.isfinite(total):
             return False
         self.alpha = count * self.shard_size / total

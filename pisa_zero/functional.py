@@ -18,7 +18,9 @@ With agents (mode B) the kernel stops after c and writes α·c into ``contributi
 over agents and applies the last line with Σα·c in place of c.
 
 Three back ends compute exactly these operations in the same order: ``single`` (a loop of per-tensor ops),
-``foreach`` (torch._foreach_* over the list) and ``compiled`` (one torch.compile'd fused kernel per tensor).
+``foreach`` (torch._foreach_* over the list) and ``compiled`` (torch.compile'd fused kernels: one graph per tensor on
+CPU, one graph over the whole list on GPUs). The step counters t are 0-d tensors; ``compiled`` reads them on the
+device (1 − β₂ᵗ in fp64 inside the kernel), so a GPU step has no per-tensor host work and no host sync.
 State tensors may be bf16 (``state_dtype``); the arithmetic is fp32 and the state is rounded on store, except for
 float64 parameters, whose arithmetic (and default state) is float64, as in torch.optim (`arithmetic_dtype`).
 """
@@ -221,16 +223,16 @@ def _step_foreach(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# compiled back end: the same arithmetic, one fused kernel per tensor (flattened, dynamic length)
+# compiled back end: the same arithmetic in fused kernels (flattened, dynamic lengths)
 # ---------------------------------------------------------------------------------------------------------------
 
 # Index of each scalar in the fp32 vector handed to the kernel (scalars as a tensor avoid recompiles per value).
-(_SIGMA, _RHO, _BETA2, _ONE_MINUS_BETA2, _BC2, _EPS, _LAMBDA, _SIGMA_PLUS_LAMBDA, _DECAY, _ALPHA, _SIGMA_PLUS_RHO) = (
-    range(11)
-)
+(_SIGMA, _RHO, _BETA2, _ONE_MINUS_BETA2, _EPS, _LAMBDA, _SIGMA_PLUS_LAMBDA, _DECAY, _ALPHA, _SIGMA_PLUS_RHO) = range(10)
 
 
-def _fused_kernel(w, g, dual, second_moment, scalars, preconditioner: str, write_contribution: bool, contribution):
+def _fused_kernel(
+    w, g, dual, second_moment, step, scalars, beta2_f64, preconditioner: str, write_contribution: bool, contribution
+):
     sigma, rho = scalars[_SIGMA], scalars[_RHO]
     w_f = w * scalars[_DECAY]
     dtype = scalars.dtype  # arithmetic_dtype(w): the scalar table is built in it
@@ -242,7 +244,8 @@ def _fused_kernel(w, g, dual, second_moment, scalars, preconditioner: str, write
         if preconditioner == "sisa":
             v = second_moment.to(dtype) * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
             second_moment.copy_(v)
-            q = torch.sqrt(v / scalars[_BC2]) + scalars[_EPS]
+            bias_correction2 = (1.0 - beta2_f64[0] ** step.double()).to(dtype)  # fp64 like the host's 1 − β₂ᵗ
+            q = torch.sqrt(v / bias_correction2) + scalars[_EPS]
         elif preconditioner == "adagrad":
             v = second_moment.to(dtype) + h * h
             second_moment.copy_(v)
@@ -260,23 +263,24 @@ def _fused_kernel(w, g, dual, second_moment, scalars, preconditioner: str, write
         w.copy_(w_f + (c - w_f * scalars[_LAMBDA]) / scalars[_SIGMA_PLUS_LAMBDA])
 
 
-def _fused_chunk(ws, gs, duals, second_moments, scalars, preconditioner: str, write_contribution: bool, outs):
-    """The fused kernel over a chunk of tensors in one graph (GPU: one compiled call launches them all)."""
+def _fused_list(ws, gs, duals, second_moments, steps, scalars, beta2_f64, preconditioner: str, write: bool, outs):
+    """The fused kernel over a whole list of tensors in one graph (GPU: one compiled call launches them all)."""
     for i in range(len(ws)):
         v = second_moments[i] if second_moments is not None else None
         out = outs[i] if outs is not None else None
-        _fused_kernel(ws[i], gs[i], duals[i], v, scalars[i], preconditioner, write_contribution, out)
+        _fused_kernel(ws[i], gs[i], duals[i], v, steps[i], scalars, beta2_f64, preconditioner, write, out)
 
 
-# Tensors per compiled call on GPUs, where a compiled call costs ~0.1 ms of host time (92 calls = 10 ms for GPT-2
-# small, 7x fused AdamW's whole step). Full chunks share one graph (dynamic lengths), so compile time is bounded.
-# On CPU one graph per tensor is faster (a multi-tensor C++ graph compiled slowly and ran 5x slower there).
-_GPU_CHUNK = 32
+def _one_graph_per_list(device: torch.device) -> bool:
+    """GPUs: one graph over the list (a compiled call costs ~0.1 ms of host time; 92 per-tensor calls were 7x fused
+    AdamW's whole step on an H100). CPU: one graph per tensor (a multi-tensor C++ graph compiled slowly and ran 5x
+    slower there)."""
+    return device.type != "cpu"
 
 
 @functools.cache
-def _compiled_chunk():
-    return torch.compile(_fused_chunk, dynamic=True, fullgraph=True)
+def _compiled_list():
+    return torch.compile(_fused_list, dynamic=True, fullgraph=True)
 
 
 @functools.cache
@@ -290,44 +294,53 @@ def _step_compiled(
     gs: list[Tensor],
     duals: list[Tensor],
     second_moments: list[Tensor] | None,
-    bias_corrections2: list[float],
+    steps: list[Tensor],
     s: StepScalars,
     contributions: list[Tensor] | None,
 ) -> None:
-    kernel = _compiled_kernel()
-    shared = [s.sigma, s.rho, s.beta2, 1.0 - s.beta2, 0.0, s.eps, s.l2_lambda]
+    device = ws[0].device
+    shared = [s.sigma, s.rho, s.beta2, 1.0 - s.beta2, s.eps, s.l2_lambda]
     shared += [s.sigma + s.l2_lambda, s.decay, s.alpha, s.sigma + s.rho]
-    table = [list(shared) for _ in ws]
-    for row, bc2 in zip(table, bias_corrections2):
-        row[_BC2] = bc2
-    # One host-to-device copy per call (not per tensor): per-tensor copies dominate a GPU step otherwise.
-    scalars = torch.tensor(table, dtype=arithmetic_dtype(ws[0])).to(ws[0].device, non_blocking=True)
-    # One graph per (preconditioner, mode, dtypes, device): more than dynamo's default limit of 8 variants.
+    # One host-to-device copy per call for all the scalars (per-tensor copies dominate a GPU step otherwise).
+    scalars = torch.tensor(shared, dtype=arithmetic_dtype(ws[0])).to(device, non_blocking=True)
+    # β₂ as a 1-element fp64 vector: a 0-d CPU tensor would be guarded by value (a host read per call)
+    beta2_f64 = torch.tensor([s.beta2], dtype=torch.float64).to(device, non_blocking=True)
+    write = contributions is not None
+    # One graph per (preconditioner, mode, dtypes, device, list length): more than dynamo's default limit of 8.
     with torch._dynamo.config.patch(recompile_limit=64):
-        if ws[0].device.type != "cpu":
+        if _one_graph_per_list(device):
             flat = lambda ts: [t.reshape(-1) for t in ts] if ts is not None else None  # noqa: E731
-            ws, gs, duals, vs, outs = map(flat, (ws, gs, duals, second_moments, contributions))
-            for lo in range(0, len(ws), _GPU_CHUNK):
-                part = slice(lo, lo + _GPU_CHUNK)
-                _compiled_chunk()(
-                    ws[part], gs[part], duals[part], vs[part] if vs is not None else None, scalars[part],
-                    s.preconditioner, outs is not None, outs[part] if outs is not None else None,
-                )  # fmt: skip
+            _compiled_list()(
+                flat(ws), flat(gs), flat(duals), flat(second_moments), steps, scalars, beta2_f64, s.preconditioner,
+                write, flat(contributions),
+            )  # fmt: skip
             return
+        kernel = _compiled_kernel()
         for i, w in enumerate(ws):
             v = second_moments[i].view(-1) if second_moments is not None else None
-            out = contributions[i].view(-1) if contributions is not None else None
+            out = contributions[i].view(-1) if write else None
             kernel(
-                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, scalars[i], s.preconditioner, out is not None, out
-            )
+                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, steps[i], scalars, beta2_f64, s.preconditioner,
+                write, out,
+            )  # fmt: skip
+
+
+def finite_flag(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool tensor on the tensors' device: True when every element of every tensor is finite. No host sync.
+
+    One read of each tensor: a sum per tensor on CPU (the cheapest full read torch has there), one multi-tensor L1
+    norm on GPUs (a launch or two for the whole list). A sum or norm is inf/NaN when an element is (or, harmlessly,
+    when finite values overflow fp32: garbage either way)."""
+    if tensors[0].device.type == "cpu":
+        reductions = [t.sum(dtype=torch.float32) for t in tensors]
+    else:
+        reductions = torch._foreach_norm(tensors, 1, dtype=torch.float32)
+    return torch.isfinite(torch.stack(reductions)).all()
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """One sum per tensor and a single host sync: a sum is inf/NaN when an element is (or, harmlessly, when finite
-    values overflow fp32 — garbage either way). Sums are the cheapest full read torch has (~13 ms for 100M on CPU)."""
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors])).all())
+    """``finite_flag`` read on the host (one sync); True for an empty list."""
+    return not tensors or bool(finite_flag(tensors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +353,7 @@ def pisa_step(
     directions: list[Tensor],
     duals: list[Tensor],
     second_moments: list[Tensor] | None,
-    steps: list[int],
+    steps: list[Tensor],
     scalars: StepScalars,
     *,
     implementation: str = "foreach",
@@ -349,7 +362,9 @@ def pisa_step(
     """Apply one PISA step in place to plain (local) tensors.
 
     ``directions`` are the gradients (elementwise preconditioners) or the orthogonalised momenta (nsisa);
-    ``steps`` are the per-tensor step counters *after* increment (used for sisa's bias correction);
+    ``steps`` are the per-tensor step counters (0-d tensors) *after* increment, used for sisa's bias correction:
+    ``single`` and ``foreach`` read them on the host (keep them on the CPU there), ``compiled`` in the kernel (on
+    GPUs keep them on the device, as fused AdamW does);
     ``contributions``, when given, receive α·c and ``params`` get only the weight decay (mode B).
     """
     if not params:
@@ -366,7 +381,10 @@ def pisa_step(
                 implementation=implementation, contributions=pick(contributions),
             )  # fmt: skip
         return
-    bias_corrections2 = [1.0 - scalars.beta2**t for t in steps]
+    if implementation == "compiled":
+        _step_compiled(params, directions, duals, second_moments, steps, scalars, contributions)
+        return
+    bias_corrections2 = [1.0 - scalars.beta2 ** float(t) for t in steps]
     if implementation == "single":
         for i, w in enumerate(params):
             _step_single(
@@ -380,8 +398,6 @@ def pisa_step(
             )
     elif implementation == "foreach":
         _step_foreach(params, directions, duals, second_moments, bias_corrections2, scalars, contributions)
-    elif implementation == "compiled":
-        _step_compiled(params, directions, duals, second_moments, bias_corrections2, scalars, contributions)
     else:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 

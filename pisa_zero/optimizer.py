@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
 
 from . import functional as F
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
@@ -81,15 +82,19 @@ class PISA(torch.optim.Optimizer):
     When a scheduler sets ``group['lr']`` to ``lr_t`` both are scaled by ``lr_ref/lr_t``; ``lr_t = 0`` leaves the
     parameters and every state tensor untouched and does not advance the step counters.
 
-    A group with ``preconditioner="adamw"`` is updated by plain AdamW (``lr``, ``betas``, ``eps``,
-    ``weight_decay``; state ``exp_avg``, ``exp_avg_sq``): the auxiliary optimizer for embeddings, norms and biases
-    that NSISA needs, carried in the same optimizer object, state dict and checkpoint.
+    A group with ``preconditioner="adamw"`` is updated by torch's own functional AdamW (``lr``, ``betas``, ``eps``,
+    ``weight_decay``; state ``exp_avg``, ``exp_avg_sq``; fused where the device has the kernel): the auxiliary
+    optimizer for embeddings, norms and biases that NSISA needs, carried in the same optimizer object, state dict and
+    checkpoint.
 
     Non-finite gradients: with ``skip_nonfinite=True`` (default) each ``step()`` call first checks the gradients it
-    was handed; if any is inf/NaN the call changes nothing (no parameter, state or step counter) and
-    ``nonfinite_steps_skipped`` is incremented. That decision is local to the rank and to the groups in the call;
-    training loops that shard state should call :func:`pisa_zero.grads_are_finite` (one all-reduce) and skip
-    ``step()`` on every rank, as `engine/train.py` and the integrations do.
+    was handed, once (one read of each, one host sync); if any is inf/NaN the call changes nothing (no parameter,
+    state or step counter) and ``nonfinite_steps_skipped`` is incremented. With a topology (``consensus=``, and
+    always under `pisa_zero.integrations.fsdp`) the flag rides on the step's one control all-reduce, so every rank
+    skips together; without one the decision is the rank's own, which is enough where gradients are replicated (one
+    process, DDP). Loops that shard gradients without a topology call :func:`pisa_zero.grads_are_finite` instead.
+    The check cannot share the kernel's pass over the gradients: a skip must be decided before the first tensor is
+    written, and the kernel writes each tensor as it reads its gradient.
 
     Args:
         params: parameters or param groups.
@@ -187,6 +192,7 @@ class PISA(torch.optim.Optimizer):
         # matrices (see pisa_zero.integrations.deepspeed). None: flat 1-D partitions are refused.
         self.flat_partition_orthogonalizer = None
         self.nonfinite_steps_skipped = 0
+        self.extra_totals: list[float] = []  # see step(extra=...)
         self._known_params: set[int] = set()
         super().__init__(params, defaults)
 
@@ -316,7 +322,10 @@ class PISA(torch.optim.Optimizer):
         return group["sigma"] * scale, group["rho"] * scale
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, extra: list[float] | None = None, veto: bool = False):
+        """One step. Training loops may hand this rank's ``extra`` floats (a loss, a stop request) to the step's
+        control all-reduce and read their sums over the topology's ranks from ``extra_totals`` afterwards (without
+        a topology they come back unchanged); ``veto=True`` (e.g. a non-finite loss) skips the step on every rank."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,23 +338,24 @@ class PISA(torch.optim.Optimizer):
             if group["lr"] != 0
         ]
         active = [(group, params) for group, params in active if params]
-        if not active:
+        if not active and extra is None and not veto:
             return loss
         if self._rounds is not None:  # H local steps per round (pisa_zero.local_steps)
             self._rounds.step(active)
             return loss
-        if self.consensus is not None:  # mode B: α and the skip decision are agreed by all ranks (one all-reduce)
-            grads = [_local(p.grad) for _, params in active for p in params]
-            if not self.consensus.begin_step(grads, self.skip_nonfinite):
-                self.nonfinite_steps_skipped += 1
-                logger.warning("PISA: non-finite gradient on some rank; step skipped on all ranks")
-                return loss
-        elif self.skip_nonfinite:
-            grads = [_local(p.grad) for _, params in active for p in params]
-            if not F.all_finite(grads):
-                self.nonfinite_steps_skipped += 1
-                logger.warning("PISA: non-finite gradient; step skipped (%d so far)", self.nonfinite_steps_skipped)
-                return loss
+        # The step's one finite check (one read of the gradients, one host sync) and, with a topology, its one
+        # control all-reduce, which also agrees α: every rank skips or none does.
+        grads = [_local(p.grad) for _, params in active for p in params]
+        if self.consensus is not None:
+            go = self.consensus.begin_step(grads, self.skip_nonfinite, extra or (), veto)
+            self.extra_totals = self.consensus.extra_totals
+        else:
+            go = not veto and (not self.skip_nonfinite or F.all_finite(grads))
+            self.extra_totals = [float(x) for x in extra or ()]
+        if not go:
+            self.nonfinite_steps_skipped += 1
+            logger.warning("PISA: non-finite loss or gradient; step skipped (%d so far)", self.nonfinite_steps_skipped)
+            return loss
         for group, params in active:
             if group["preconditioner"] == "adamw":
                 self._adamw_group(group, params)
@@ -356,9 +366,12 @@ class PISA(torch.optim.Optimizer):
     def _pisa_group(self, group: dict, params: list[Tensor]) -> None:
         preconditioner = group["preconditioner"]
         states = [self._state_for(p, preconditioner) for p in params]
-        for state in states:
-            state["step"] += 1
-        steps = [int(state["step"].item()) for state in states]
+        local_params = [_local(p) for p in params]
+        implementation = self._pick_implementation(local_params)
+        # compiled kernels read t on the device (no host sync); single/foreach read it on the host
+        on_device = implementation == "compiled" and local_params[0].device.type != "cpu"
+        steps = _step_counters(states, local_params[0].device if on_device else torch.device("cpu"))
+        torch._foreach_add_(steps, 1)
         if preconditioner == "nsisa":
             directions = self._nsisa_directions(group, params, states)
         else:
@@ -373,10 +386,8 @@ class PISA(torch.optim.Optimizer):
             l2_lambda=group["l2_lambda"],
             decay=1.0 - group["lr"] * group["weight_decay"],
         )
-        local_params = [_local(p) for p in params]
         duals = [_local(s["dual"]) for s in states]
         second_moments = [_local(s["second_moment"]) for s in states] if "second_moment" in states[0] else None
-        implementation = self._pick_implementation(local_params)
         if self.consensus is None:
             F.pisa_step(local_params, directions, duals, second_moments, steps, scalars, implementation=implementation)
         else:
@@ -411,22 +422,48 @@ class PISA(torch.optim.Optimizer):
         return orthogonalize_sharded(params, local_us, group["ns_steps"], F.ns_compute_dtype(local_us[0].device))
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
+        """torch's own functional AdamW (fused where the device has the kernel, else foreach; ``single``: the
+        per-tensor loop) on the local tensors, with this optimizer's state keys."""
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         if self.consensus is not None and self._rounds is None:  # mode B: AdamW on the α-averaged gradient
             self.consensus.reduce_gradients([_local(p.grad) for p in params])
-        for p in params:
-            state = self._state_for(p, "adamw")
-            state["step"] += 1
-            t = state["step"].item()
-            w, g = _local(p), _local(p.grad)
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-            if wd != 0:
-                w.mul_(1.0 - lr * wd)
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-            w.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+        states = [self._state_for(p, "adamw") for p in params]
+        local_params = [_local(p) for p in params]
+        implementation = self._pick_implementation(local_params)
+        fused = implementation == "compiled" and _fused_adamw_available(local_params)
+        torch_adamw(
+            local_params,
+            [_local(p.grad) for p in params],
+            [_local(s["exp_avg"]) for s in states],
+            [_local(s["exp_avg_sq"]) for s in states],
+            [],
+            _step_counters(states, local_params[0].device if fused else torch.device("cpu")),
+            foreach=implementation != "single" and not fused,
+            fused=fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+
+def _step_counters(states: list[dict], device: torch.device) -> list[Tensor]:
+    """The 0-d ``step`` tensors, moved once to where the kernel reads them (e.g. after loading a checkpoint)."""
+    for state in states:
+        if state["step"].device != device:
+            state["step"] = state["step"].to(device)
+    return [state["step"] for state in states]
+
+
+def _fused_adamw_available(params: list[Tensor]) -> bool:
+    """torch's fused AdamW kernel: floating-point tensors on a device that has it (CPU and CUDA in torch 2.x)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 _COMPILED_OK: dict[str, bool] = {}
@@ -451,18 +488,19 @@ def _compiled_available(device: torch.device) -> bool:
 
 
 def grads_are_finite(params: Iterable[Tensor], group=None) -> bool:
-    """True when every gradient on every rank of ``group`` is finite (one all-reduce when distributed).
+    """True when every gradient on every rank of ``group`` is finite (one all-reduce and one host sync when
+    distributed).
 
-    Integrations and training loops call this before ``optimizer.step()`` and skip the step on every rank
-    when it is False, so that no rank's π or v ever sees inf/NaN and the ranks stay in step.
+    For training loops around *other* optimizers, or around PISA built with ``skip_nonfinite=False``: `PISA.step`
+    makes this check itself, once, agreed across ranks whenever it has a topology (FSDP2, mode B).
     """
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    finite = F.all_finite(grads)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from .consensus import comm_device
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return F.all_finite(grads)
+    from .consensus import comm_device
 
-        device = comm_device(grads[0].device if grads else torch.device("cpu"), group)
-        flag = torch.tensor([1.0 if finite else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
-        finite = bool(flag.item() == 1.0)
-    return finite
+    device = comm_device(grads[0].device if grads else torch.device("cpu"), group)
+    flag = F.finite_flag(grads).to(device, torch.float32) if grads else torch.ones((), device=device)
+    flag = flag.reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item() == 1.0)

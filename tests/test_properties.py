@@ -55,7 +55,7 @@ def test_elementwise_step_matches_formula(data, kind, implementation, sigma, rho
     )
     tw, tpi, tv = torch.tensor(w), torch.tensor(pi), torch.tensor(v)
     scalars = F.StepScalars(kind, sigma, rho, beta2, eps, lam, decay)
-    F.pisa_step([tw], [torch.tensor(g)], [tpi], [tv], [t], scalars, implementation=implementation)
+    F.pisa_step([tw], [torch.tensor(g)], [tpi], [tv], [torch.tensor(float(t))], scalars, implementation=implementation)
     # fp32 arithmetic: a few ulps of the largest magnitude involved in each quantity.
     scale_w = np.abs(w).max() + np.abs(expected_pi).max() / sigma + 1.0
     np.testing.assert_allclose(tw.numpy(), expected_w, rtol=1e-5, atol=1e-5 * scale_w)
