@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -389,16 +390,29 @@ class DeepSpeed:
             self.pisa.set_local_batch_size(n)
 
     def save(self, path: str, extra: dict) -> None:
-        # save_latest=False: DeepSpeed rewrites ``latest`` in place; engine/checkpoints.py writes it atomically
+        """Into ``<path>.partial``, renamed to ``path`` once every rank has written its files (DeepSpeed writes in
+        place). save_latest=False: DeepSpeed rewrites ``latest`` in place; engine/checkpoints.py writes it atomically.
+        """
+        partial = partial_path(path)
         self.engine.save_checkpoint(
-            os.path.dirname(path), tag=os.path.basename(path), client_state={"extra": extra}, save_latest=False
+            os.path.dirname(path), tag=os.path.basename(partial), client_state={"extra": extra}, save_latest=False
         )
+        barrier()
+        if dist.get_rank() == 0:
+            if os.path.isdir(path):  # the same step saved again (a resumed run): replace it
+                shutil.rmtree(path)
+            os.rename(partial, path)
 
     def load(self, path: str) -> dict:
         load_path, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
         if load_path is None:
             raise ValueError(f"invalid --resume={path!r}: DeepSpeed found no checkpoint there")
         return client.get("extra", {})
+
+
+def partial_path(path: str) -> str:
+    """Where a DeepSpeed checkpoint is written before it is complete (removed if the save fails)."""
+    return f"{path}.partial"
 
 
 def weights_finite(params) -> bool:

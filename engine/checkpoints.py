@@ -8,12 +8,14 @@ flags fails before anything is loaded, naming the flag.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 
 from engine.backends import barrier
+from pisa_zero.monitor import all_reduce_sum
 
 RUN_FILE = "run.json"
 _STEP = re.compile(r"step_\d{6}")
@@ -120,16 +122,52 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _local_numel(backend) -> int:
+    return sum(
+        (p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)).numel() for p in backend.params()
+    )
+
+
+def _remove_partial(path: str) -> None:
+    """What a failed save leaves: DeepSpeed's ``<path>.partial``, pisa_zero.checkpoint's unpublished versions."""
+    published = os.path.realpath(path) if os.path.islink(path) else None
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder):
+        full = os.path.join(folder, entry)
+        if entry == f"{name}.partial" or (entry.startswith(f"{name}.v-") and full != published):
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def _no_space(folder: str, need: float, free: float) -> SystemExit:
+    return SystemExit(
+        f"[pisa_zero] no space left on {folder}: a checkpoint needs about {need / 2**20:,.0f} MiB, "
+        f"{free / 2**20:,.0f} MiB are free. Free some space or use another --out-dir, then --resume."
+    )
+
+
 def save(backend, args, rank: int, step: int, extra: dict, run: dict) -> str:
-    """Write checkpoints/step_NNNNNN, its run.json, then point ``latest`` at it (each atomically), then prune."""
+    """Write checkpoints/step_NNNNNN, its run.json, then point ``latest`` at it (each atomically), then prune.
+
+    Refused before writing anything when the disk lacks the space (estimated as 16 bytes per parameter: fp32
+    weights and up to three fp32 state tensors); a save that fails anyway leaves nothing half-written behind."""
     folder = root(args)
     tag = f"step_{step:06d}"
     path = os.path.join(folder, tag)
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
-    barrier()
-    backend.save(path, extra)
-    barrier()
+    free = shutil.disk_usage(folder).free if rank == 0 else 0.0
+    need, free = all_reduce_sum([16.0 * _local_numel(backend), free]).tolist()
+    if free < need:
+        raise _no_space(folder, need, free)
+    try:
+        backend.save(path, extra)
+        barrier()
+    except Exception as e:
+        if rank == 0:
+            _remove_partial(path)
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(folder).free < need:
+            raise _no_space(folder, need, shutil.disk_usage(folder).free) from e
+        raise
     if rank == 0:
         _write_atomically(os.path.join(path, RUN_FILE), json.dumps(run))
         _write_atomically(os.path.join(folder, "latest"), tag)

@@ -173,8 +173,20 @@ def load_corpus(
 
 
 def _tokens_corpus(train: np.ndarray, val: np.ndarray, source: str, vocab_size: int | None) -> Corpus:
+    """A corpus of token ids; every id must be < the vocabulary (one pass over the ids: the embedding would raise
+    an IndexError mid-training otherwise)."""
+    for name, part in (("train", train), ("val", val)):
+        if len(part) == 0:
+            raise ValueError(f"invalid --data={source!r}: its {name} split is empty")
+    low, high = int(min(train.min(), val.min())), int(max(train.max(), val.max()))
+    if low < 0:
+        raise ValueError(f"invalid --data={source!r}: it holds a negative token id ({low}); check --token-dtype")
     if vocab_size is None:
-        vocab_size = int(max(train.max(), val.max())) + 1
+        vocab_size = high + 1
+    elif high >= vocab_size:
+        raise ValueError(
+            f"invalid --vocab-size={vocab_size}: {source!r} holds token id {high}; the vocabulary must be > {high}"
+        )
     return Corpus(train, val, vocab_size, source, [("_all", 0, len(train))])
 
 

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from engine.faults import Faults
 from engine.models import FAMILIES, SIZES
 
 USAGE = """\
@@ -310,6 +311,10 @@ def parse_args(argv=None):
             args.backend = "fsdp2" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
     _check_ranges(args, parser.error)
     _check_combinations(args, parser.error)
+    try:
+        Faults(args.inject_nonfinite, rank=0)
+    except ValueError as e:
+        parser.error(str(e))
     if args.lr is None:
         args.lr = 0.02 if args.optimizer == "muon" else 3e-3
     return args

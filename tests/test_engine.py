@@ -587,3 +587,66 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(cac
     assert "launcher process" in text and "stopped at step" in text, text[-3000:]
     final = latest.read_text().strip()
     assert final > first and (out / "checkpoints" / final / "run.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--log-interval", "0"], "--log-interval must be >= 1"),
+        (["--eval-interval", "-5"], "--eval-interval must be >= 0"),
+        (["--ckpt-interval", "-1"], "--ckpt-interval must be >= 0"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--sigma", "nan"], "--sigma must be a finite number > 0"),
+        (["--sigma", "thirty"], "--sigma: invalid float value: 'thirty'"),
+        (["--token-dtype", "float32"], "--token-dtype must be an integer numpy dtype"),
+        (["--token-dtype", "uint17"], "--token-dtype must be an integer numpy dtype"),
+        (["--vocab-size", "1"], "--vocab-size must be >= 2"),
+        (["--cpu-offload"], "--cpu-offload applies to --backend fsdp2 only"),
+        (["--dtype", "bf16"], "--dtype applies to --backend fsdp2 only"),
+        (["--lr", "0.1"], "--lr sets a baseline's lr"),
+        (["--optimizer", "adamw", "--sigma", "3"], "--sigma sets PISA; it has no effect with --optimizer adamw"),
+        (["--heterogeneity"], "--heterogeneity gives each agent its own data"),
+        (["--deepspeed_config", "nowhere.json"], "--deepspeed_config='nowhere.json': no such file"),
+        (["--backend", "single", "--deepspeed_config", "configs/pisa_zero3.json"], "deepspeed back end only"),
+        (["--inject-nonfinite", "grads:3"], "--inject-nonfinite='grads:3': the prefix must be one of"),
+        (["--inject-nonfinite", "3,x"], "expected comma-separated step numbers"),
+        (["--max-minutes", "0"], "--max-minutes must be > 0"),
+    ],
+)
+def test_every_bad_flag_is_named_before_any_work(argv, message, capsys):
+    """Issue 9 item 5: wrong types, out-of-range values, negative intervals and flags the run would silently
+    ignore, each refused by name at parse time."""
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
+    """Issue 9 item 5: ids >= --vocab-size gave an IndexError mid-training."""
+    tokens = np.arange(5000, dtype=np.uint16) % 300
+    tokens.tofile(tmp_path / "t.bin")
+    with pytest.raises(ValueError, match=r"--vocab-size=256.*token id 299"):
+        data.load_corpus(str(tmp_path / "t.bin"), str(tmp_path / "cache"), vocab_size=256)
+    assert data.load_corpus(str(tmp_path / "t.bin"), str(tmp_path / "cache"), vocab_size=300).vocab_size == 300
+
+
+def test_resume_with_another_model_names_the_flag(run, tmp_path):
+    """Issue 9 item 5: resuming a gpt2 checkpoint with --model llama gave "Missing key in checkpoint state_dict"."""
+    assert run("--max-steps", 2, "--eval-interval", 0) == 0
+    for flags, named in ((["--model", "llama"], "--model"), (["--block-size", "32"], "--block-size")):
+        with pytest.raises(ValueError, match=f"saved with .*\\({named}\\)"):
+            run("--max-steps", 4, "--resume", *flags)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_behind(run, tmp_path):
+    """Issue 9 item 5: a full disk gave "unexpected pos 704 vs 598" and left a partial checkpoint folder."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("needs a 1 MiB tmpfs (mount -t tmpfs), which this machine does not permit")
+    try:
+        with pytest.raises(SystemExit, match=f"no space left on {small}"):
+            run("--max-steps", 2, "--eval-interval", 0, "--no-tensorboard", out=small / "run")
+        assert os.listdir(small / "run" / "checkpoints") == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
