@@ -24,11 +24,12 @@ import torch.distributed as dist
 import pisa_zero
 from engine.flags import BASELINE_FLAGS, PISA_FLAGS
 from pisa_zero import checkpoint
+from pisa_zero._utils import all_reduce_sum
 from pisa_zero.consensus import AgentTopology
 from pisa_zero.deepspeed import initialize as pisa_initialize
 from pisa_zero.functional import all_finite
 from pisa_zero.integrations.fsdp import prepare
-from pisa_zero.monitor import Diagnostics, all_reduce_sum, find_pisa, global_norm
+from pisa_zero.monitor import Diagnostics, find_pisa, global_norm
 from pisa_zero.param_groups import split_parameters
 
 

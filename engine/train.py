@@ -36,7 +36,8 @@ from engine.faults import Faults
 from engine.flags import parse_args
 from engine.models import build_model, count_parameters
 from engine.stops import StopRequest
-from pisa_zero.monitor import TensorBoard, all_reduce_sum, peak_memory_mb
+from pisa_zero._utils import all_reduce_sum, peak_memory_mb
+from pisa_zero.monitor import TensorBoard
 
 # torch's collectives warn on every call about their own renames; keep the console readable
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

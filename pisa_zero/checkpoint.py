@@ -49,31 +49,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
+from ._utils import dist_on
+from ._utils import local as _local
 
 META = "pisa_meta.json"
 FORMAT = 1
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
+    return dist.get_rank() if dist_on() else 0
 
 
 def _barrier() -> None:
-    if _dist_on():
+    if dist_on():
         dist.barrier()
 
 
 def _all_ranks(value) -> list:
     """Every rank's ``value`` (a small picklable object), in rank order."""
-    if not _dist_on():
+    if not dist_on():
         return [value]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
@@ -123,7 +117,7 @@ def _checkpoint_files(version: str) -> list[str]:
 
 def _my_share(files: list[str]) -> list[str]:
     """The files this rank hashes: the work is split over the ranks."""
-    world = dist.get_world_size() if _dist_on() else 1
+    world = dist.get_world_size() if dist_on() else 1
     return files[_rank() :: world]
 
 
@@ -170,7 +164,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
         agents, agent_index, alpha = _agents(optimizer)
         version = [f"{path}.v-{uuid.uuid4().hex[:12]}"]
         alphas = [alpha]
-        if _dist_on():
+        if dist_on():
             dist.broadcast_object_list(version, src=0)
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (agent_index, alpha))
@@ -236,10 +230,6 @@ def _empty_like_tree(tree):
     if isinstance(tree, torch.Tensor):
         return torch.zeros_like(tree)
     return tree
-
-
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _verify_files(path: str, sums: dict | None) -> None:

@@ -23,7 +23,7 @@ parameter's dtype.
 Auxiliary AdamW groups in mode B get their gradients α-averaged across agents (reduce-scatter + all-gather, fp32) and
 then take the same AdamW step on every agent, so they also stay bitwise identical.
 
-``orthogonalize_sharded`` routes whole matrices of Shard(0) DTensors to owner ranks for Newton–Schulz (NSISA).
+Newton–Schulz on whole matrices (NSISA) is not consensus: see `pisa_zero.routing`.
 """
 
 from __future__ import annotations
@@ -36,18 +36,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-
-try:
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
-
+from ._utils import comm_device, dist_on
 
 DEFAULT_BUCKET_ELEMENTS = 1 << 22  # 16 MiB of fp32 per consensus collective
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class AgentTopology:
@@ -103,7 +94,7 @@ class AgentTopology:
     @classmethod
     def from_group(cls, group) -> AgentTopology:
         """Every rank of ``group`` (a ProcessGroup, e.g. ``dist.group.WORLD``) is one agent with unsharded params."""
-        if not _dist_on():
+        if not dist_on():
             raise ValueError("AgentTopology.from_group: torch.distributed is not initialised")
         return cls(group=group)
 
@@ -112,7 +103,7 @@ class AgentTopology:
         """m = ``agents`` agents over the whole world (k = world/m ranks each, rank = agent·k + shard)."""
         if not isinstance(agents, int) or agents < 1:
             raise ValueError(f"AgentTopology.build: invalid agents={agents!r}: expected an integer >= 1")
-        if not _dist_on():
+        if not dist_on():
             if agents != 1:
                 raise ValueError(f"AgentTopology.build: agents={agents} needs torch.distributed to be initialised")
             return cls(None)
@@ -307,14 +298,6 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     fn(out, inp, group=group)
 
 
-def comm_device(device: torch.device, group=None) -> torch.device:
-    """Where a collective's buffer must live: NCCL groups need a CUDA tensor even when the data sits on the CPU
-    (offloaded state); gloo takes the data's own device."""
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _low_precision(t: Tensor) -> bool:
     """Narrower than the arithmetic (bf16/fp16): such groups keep an fp32 master slice on its owner."""
     return t.dtype != F.arithmetic_dtype(t)
@@ -325,109 +308,3 @@ def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
     n = sum(t.numel() for t in tensors)
     s = -(-n // parts)
     return torch.zeros(s * parts, dtype=F.arithmetic_dtype(tensors[0]), device=tensors[0].device)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Newton–Schulz on Shard(0) DTensors: whole matrices routed to owner ranks
-# -------------------------------------------------------------------------------------------------------------
-
-
-def _routable(p) -> bool:
-    return (
-        isinstance(p, DTensor)
-        and p.ndim == 2
-        and p.device_mesh.ndim == 1
-        and len(p.placements) == 1
-        and isinstance(p.placements[0], Shard)
-        and p.placements[0].dim == 0
-    )
-
-
-def _chunk_rows(rows: int, k: int) -> list[int]:
-    """Rows per rank of a Shard(0) dimension (torch.chunk semantics, as FSDP2 and DTensor use)."""
-    c = -(-rows // k)
-    return [max(0, min(c, rows - r * c)) for r in range(k)]
-
-
-def orthogonalize_sharded(params: list[Tensor], local_us: list[Tensor], steps: int, compute_dtype) -> list[Tensor]:
-    """O for each 2-D DTensor param from its local shard of u; other tensors pass through unchanged.
-
-    Shard(0) DTensors on a 1-D mesh: matrices are grouped by shape and each whole matrix is assigned to one owner
-    rank (round robin, continued across shapes for balance); one all-to-all sends every shard to its owner, the
-    owners orthogonalise their same-shape matrices as a batch, and a second all-to-all returns the shards. Other
-    DTensor layouts fall back to gathering the full matrix on every rank.
-    """
-    out = list(local_us)
-    routed: dict = {}
-    for i, p in enumerate(params):
-        if not isinstance(p, DTensor) or p.ndim != 2:
-            continue
-        if _routable(p):
-            routed.setdefault(p.device_mesh, []).append(i)
-        else:
-            u = DTensor.from_local(local_us[i], p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            ortho = F.orthogonalize(u.full_tensor(), steps, compute_dtype)
-            out[i] = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
-    for mesh, indices in routed.items():
-        _route(mesh, [params[i] for i in indices], [local_us[i] for i in indices], steps, compute_dtype, out, indices)
-    return out
-
-
-def _route(mesh, params, us, steps, compute_dtype, out, indices) -> None:
-    k = mesh.size()
-    if k == 1:
-        ortho = F.orthogonalize_batched([u.float() for u in us], steps, compute_dtype)
-        for j, i in enumerate(indices):
-            out[i] = ortho[j]
-        return
-    me = mesh.get_local_rank()
-    group = mesh.get_group()
-    shapes = [tuple(p.shape) for p in params]
-    order = sorted(range(len(params)), key=lambda j: shapes[j])
-    owner = {j: n % k for n, j in enumerate(order)}  # same-shape matrices spread over the ranks
-    owned = [j for j in order if owner[j] == me]
-    rows = {j: _chunk_rows(shapes[j][0], k) for j in order}
-    for j, u in enumerate(us):
-        if u.shape[0] != rows[j][me]:
-            raise ValueError(f"orthogonalize_sharded: local shard has {u.shape[0]} rows, expected {rows[j][me]}")
-
-    # forward: every rank sends its shard of matrix j to owner[j]
-    send_parts, send_sizes = [], []
-    for dest in range(k):
-        parts = [us[j].reshape(-1).float() for j in order if owner[j] == dest]
-        send_parts += parts
-        send_sizes.append(sum(t.numel() for t in parts))
-    recv_sizes = [sum(rows[j][src] * shapes[j][1] for j in owned) for src in range(k)]
-    device = us[0].device
-    send = torch.cat(send_parts) if send_parts else torch.empty(0, device=device)
-    recv = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
-    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
-
-    # assemble whole matrices (shards arrive in rank order = row order), orthogonalise same shapes as a batch
-    pieces: dict[int, list[Tensor]] = {j: [] for j in owned}
-    offset = 0
-    for src in range(k):
-        for j in owned:
-            n = rows[j][src] * shapes[j][1]
-            pieces[j].append(recv[offset : offset + n].view(rows[j][src], shapes[j][1]))
-            offset += n
-    whole = [torch.cat(pieces[j]) for j in owned]
-    results = dict(zip(owned, F.orthogonalize_batched(whole, steps, compute_dtype)))
-
-    # backward: owners return row blocks; every rank receives its rows of every matrix
-    back_parts = []
-    for dest in range(k):
-        for j in owned:
-            start = sum(rows[j][:dest])
-            back_parts.append(results[j][start : start + rows[j][dest]].reshape(-1))
-    back = torch.cat(back_parts) if back_parts else torch.empty(0, device=device)
-    got = torch.empty(sum(send_sizes), dtype=torch.float32, device=device)
-    dist.all_to_all_single(got, back, send_sizes, recv_sizes, group=group)
-    offset = 0
-    for dest in range(k):
-        for j in order:
-            if owner[j] != dest:
-                continue
-            n = us[j].numel()
-            out[indices[j]] = got[offset : offset + n].view_as(us[j])
-            offset += n

@@ -55,20 +55,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-from .consensus import _flat_buffer, comm_device
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
+from ._utils import DTensor, comm_device
+from ._utils import local as _local
+from .consensus import _flat_buffer
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_DEVICES = (None, "cpu")
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _sumsq(t: Tensor) -> Tensor:

@@ -23,21 +23,12 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 
 import torch
 from torch import Tensor
 
-from .consensus import comm_device
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from ._utils import all_reduce_sum
+from ._utils import local as _local
 
 
 def find_pisa(optimizer):
@@ -51,19 +42,6 @@ def find_pisa(optimizer):
     if not isinstance(optimizer, PISA):
         raise ValueError("pisa_zero.monitor: no pisa_zero.PISA optimizer found inside the given optimizer")
     return optimizer
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_sum(values: list[float] | Tensor, group=None, device=None) -> Tensor:
-    """One all-reduce (sum) of a vector of fp64 scalars; identity when not distributed."""
-    vec = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float64)
-    if _distributed():
-        vec = vec.to(comm_device(device or vec.device, group))
-        torch.distributed.all_reduce(vec, group=group)
-    return vec.cpu()
 
 
 def _sumsq(t: Tensor) -> Tensor:
@@ -216,13 +194,6 @@ class Diagnostics:
         if not group or not group.get("lr"):
             return float(group.get("sigma", 1.0)) if group else 1.0
         return self.pisa.effective_hyperparameters(group)[0]
-
-
-def peak_memory_mb() -> float:
-    """Peak memory of this process: CUDA allocator peak when on a GPU, else the peak resident set size."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class TensorBoard:

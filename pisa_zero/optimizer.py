@@ -17,26 +17,15 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 from . import functional as F
+from ._utils import comm_device, dist_on
+from ._utils import local as _local
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
 from .local_steps import LocalRounds
+from .orthogonalizer import default_orthogonalizer
 
 logger = logging.getLogger(__name__)
 
 PRECONDITIONERS = (*F.PRECONDITIONERS, "adamw")
-
-try:  # DTensor (FSDP2) support: the math runs on local shards; Newton–Schulz gets whole matrices routed to owners.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment]
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _is_matrix_partition(t: Tensor) -> bool:
-    """A tensor that stands for part of a matrix: a DeepSpeed ZeRO-3 partition (``ds_shape``) of a 2-D param."""
-    return len(getattr(t, "ds_shape", ())) >= 2
 
 
 def _is_real(value) -> bool:
@@ -116,6 +105,8 @@ class PISA(torch.optim.Optimizer):
         skip_nonfinite: skip a call whose gradients contain inf/NaN (see above).
         consensus: a `pisa_zero.consensus.AgentTopology` or a ProcessGroup (every rank one agent) for mode B;
             None for mode A (host-averaged gradients).
+        orthogonalizer: how nsisa gets O for whole matrices (`pisa_zero.orthogonalizer`); None: DTensor-routed
+            when a parameter is a DTensor (FSDP2), else local. Host integrations pass theirs (DeepSpeed ZeRO).
         local_steps: H ≥ 1 (mode B): agents take H local steps per consensus round; ``step()`` is still called
             every step and every H-th call closes the round (`pisa_zero.local_steps`, ALGORITHM.md §6). 1 (default)
             is the step above.
@@ -148,6 +139,7 @@ class PISA(torch.optim.Optimizer):
         anchor_device: str | None = None,
         prox_sigma: float | None = None,
         centred_dual: bool = False,
+        orthogonalizer=None,
     ):
         if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
             raise HyperparameterError("local_steps", local_steps, "an integer >= 1")
@@ -187,14 +179,11 @@ class PISA(torch.optim.Optimizer):
         self.consensus = consensus
         self.local_steps = local_steps
         self._rounds = LocalRounds(self, local_steps, anchor_device) if local_steps > 1 else None
-        # Set by an integration whose host hands the optimizer flat partitions (DeepSpeed ZeRO): called as
-        # fn(params, directions, group) -> orthogonalised directions, it does nsisa's Newton–Schulz on whole
-        # matrices (see pisa_zero.integrations.deepspeed). None: flat 1-D partitions are refused.
-        self.flat_partition_orthogonalizer = None
         self.nonfinite_steps_skipped = 0
         self.extra_totals: list[float] = []  # see step(extra=...)
         self._known_params: set[int] = set()
         super().__init__(params, defaults)
+        self._orthogonalizer = orthogonalizer or default_orthogonalizer(self.param_groups, self._known_params)
 
     # ----------------------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -395,31 +384,9 @@ class PISA(torch.optim.Optimizer):
 
     def _nsisa_directions(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
         """O = NS5(g + μ b)·scale for whole matrices, u itself for other tensors; momentum b updated in place."""
-        if self.flat_partition_orthogonalizer is not None:
-            momenta = [s["momentum"] for s in states]
-            us = F.nesterov_momentum([p.grad for p in params], momenta, group["momentum"], group["nesterov"])
-            return self.flat_partition_orthogonalizer(params, us, group)
-        for p in params:
-            if _is_matrix_partition(p) or (p.ndim == 1 and id(p) not in self._known_params):
-                raise ValueError(
-                    "PISA: preconditioner='nsisa' was handed a flat 1-D partition "
-                    f"(shape {tuple(p.shape)}, ds_shape {tuple(getattr(p, 'ds_shape', ()))}) instead of whole "
-                    "matrices; Newton–Schulz cannot run on a slice. Use pisa_zero's DeepSpeed integration, which "
-                    "routes whole matrices, or put this group on an elementwise preconditioner ('sisa')."
-                )
-        momenta = [s["momentum"] for s in states]
-        grads = [p.grad for p in params]
-        dtensor = [i for i, p in enumerate(params) if isinstance(p, DTensor)]
-        if not dtensor:
-            us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
-            return F.orthogonalize_batched(us, group["ns_steps"], F.ns_compute_dtype(us[0].device, us[0].dtype))
-        # Sharded DTensors (FSDP2): whole matrices routed to owner ranks (pisa_zero.consensus), shards returned.
-        local_us = F.nesterov_momentum(
-            [_local(g) for g in grads], [_local(b) for b in momenta], group["momentum"], group["nesterov"]
-        )
-        from .consensus import orthogonalize_sharded
-
-        return orthogonalize_sharded(params, local_us, group["ns_steps"], F.ns_compute_dtype(local_us[0].device))
+        grads, momenta = [_local(p.grad) for p in params], [_local(s["momentum"]) for s in states]
+        us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
+        return self._orthogonalizer(params, us, group["ns_steps"])
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         """torch's own functional AdamW (fused where the device has the kernel, else foreach; ``single``: the
@@ -495,10 +462,8 @@ def grads_are_finite(params: Iterable[Tensor], group=None) -> bool:
     makes this check itself, once, agreed across ranks whenever it has a topology (FSDP2, mode B).
     """
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not dist_on():
         return F.all_finite(grads)
-    from .consensus import comm_device
-
     device = comm_device(grads[0].device if grads else torch.device("cpu"), group)
     flag = F.finite_flag(grads).to(device, torch.float32) if grads else torch.ones((), device=device)
     flag = flag.reshape(1)

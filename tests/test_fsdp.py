@@ -146,7 +146,7 @@ def route_matrices():
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from pisa_zero import functional as F
-    from pisa_zero.consensus import orthogonalize_sharded
+    from pisa_zero.routing import orthogonalize_sharded
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     gen = torch.Generator().manual_seed(0)

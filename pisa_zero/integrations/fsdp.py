@@ -17,9 +17,9 @@ all-reduce, what ``grads_are_finite`` costs) and NSISA's owner routing never see
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .._utils import dist_on
 from ..consensus import AgentTopology
 from ..optimizer import PISA
 
@@ -55,7 +55,7 @@ def prepare(
         raise ValueError(f"prepare: invalid param_dtype={param_dtype!r}: expected one of {_PARAM_DTYPES}")
     if "consensus" in pisa_kwargs:
         raise ValueError("prepare: pass the agent topology as `topology`, not `consensus`")
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist_on():
         raise ValueError("prepare: torch.distributed must be initialised (FSDP2 needs a process group)")
     if topology is None:
         topology = AgentTopology.build(agents=1)

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .. import functional as F
-from ..consensus import comm_device
+from .._utils import comm_device
 from ..optimizer import PISA
 
 logger = logging.getLogger(__name__)

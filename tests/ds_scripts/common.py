@@ -104,7 +104,7 @@ def consensus_partitions(engine) -> list[torch.Tensor]:
 def gather_full(layout, local: torch.Tensor) -> dict[str, torch.Tensor]:
     """All-gather a flat partition over the layout's group; returns ``name -> whole tensor`` for every parameter
     that has a piece in it (in the parameter's shape)."""
-    from pisa_zero.consensus import comm_device
+    from pisa_zero._utils import comm_device
 
     device = comm_device(local.device, layout.group)
     src = local.detach().to(device)

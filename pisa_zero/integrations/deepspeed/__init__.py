@@ -25,8 +25,8 @@ build_optimizer), ``layout`` (ZeRO partition layouts: the only file a DeepSpeed 
 
 from .checkpoint import convert_checkpoint, load_universal
 from .config import PISA_KEYS, PISASpec, is_pisa_config, parse_pisa_params, prepare_config
-from .engine import build_optimizer, initialize, install_nsisa, optimizer_factory, register, unregister
-from .layout import PartitionLayout, Piece, partition_layouts
+from .engine import build_optimizer, initialize, optimizer_factory, register, unregister
+from .layout import PartitionLayout, PartitionPiece, partition_layouts
 from .mpu import AgentMPU
 
 __all__ = [
@@ -34,11 +34,10 @@ __all__ = [
     "AgentMPU",
     "PISASpec",
     "PartitionLayout",
-    "Piece",
+    "PartitionPiece",
     "build_optimizer",
     "convert_checkpoint",
     "initialize",
-    "install_nsisa",
     "is_pisa_config",
     "load_universal",
     "optimizer_factory",

@@ -16,7 +16,9 @@ from ...param_groups import param_groups as _auto_param_groups
 from .layout import check_deepspeed_version
 
 #: PISA constructor keywords a JSON ``optimizer.params`` block may set.
-PISA_KEYS = tuple(k for k in inspect.signature(PISA.__init__).parameters if k not in ("self", "params", "consensus"))
+PISA_KEYS = tuple(
+    k for k in inspect.signature(PISA.__init__).parameters if k not in ("self", "params", "consensus", "orthogonalizer")
+)
 #: Keys of ``optimizer.params`` that select how parameters are grouped (ours, not PISA's constructor).
 #: (``agents``: mode B with that many agents; see :class:`AgentMPU`.)
 GROUPING_KEYS = ("param_groups", "matrix_preconditioner", "other_preconditioner", "other_options", "agents")
@@ -169,6 +171,10 @@ def _zero_config(config: dict) -> dict:
     return config.get("zero_optimization") or {}
 
 
+def zero_stage(config: dict) -> int:
+    return int(_zero_config(config).get("stage", 0))
+
+
 def _offload_device(config: dict) -> str:
     off = _zero_config(config).get("offload_optimizer") or {}
     return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
@@ -178,7 +184,7 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
     """Set the flags DeepSpeed needs for PISA unless the user set them; refuse what cannot work (before any
     process-group work)."""
     zero = _zero_config(config)
-    stage = int(zero.get("stage", 0))
+    stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"pisa_zero.deepspeed: invalid zero_optimization.stage={stage!r}")
     config.setdefault("zero_allow_untested_optimizer", True)

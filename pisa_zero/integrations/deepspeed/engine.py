@@ -1,6 +1,5 @@
 """Building the engine: :func:`initialize` (a drop-in for ``deepspeed.initialize``), :func:`register` (routes an
-unchanged script's ``deepspeed.initialize`` here), :func:`build_optimizer` (the same PISA for a single process) and
-:func:`install_nsisa`."""
+unchanged script's ``deepspeed.initialize`` here), :func:`build_optimizer` (the same PISA for a single process)."""
 
 from __future__ import annotations
 
@@ -11,21 +10,23 @@ import torch
 import torch.distributed as dist
 
 from ...optimizer import PISA
-from .config import PISASpec, _load_config, is_pisa_config, parse_pisa_params, prepare_config
+from .config import PISASpec, _load_config, is_pisa_config, parse_pisa_params, prepare_config, zero_stage
 from .layout import partition_layouts
 from .mpu import AgentMPU
-from .nsisa import _PartitionOrthogonalizer
+from .nsisa import PartitionOrthogonalizer
 
 
-def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None, consensus=None) -> Callable:
-    """The callable DeepSpeed calls with ``model_parameters`` to build PISA (``consensus``: mode B topology)."""
+def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None, consensus=None, orthogonalizer=None) -> Callable:
+    """The callable DeepSpeed calls with ``model_parameters`` to build PISA (``consensus``: mode B topology;
+    ``orthogonalizer``: nsisa's whole-matrix strategy, None for PISA's default)."""
 
     def build(model_parameters):
+        kw = dict(consensus=consensus, orthogonalizer=orthogonalizer, **spec.kwargs)
         if spec.auto_groups:
             if model is None:
                 raise ValueError('pisa_zero.deepspeed: "param_groups": "auto" needs the model')
-            return PISA(spec.groups(model), consensus=consensus, **spec.kwargs)
-        return PISA(model_parameters, consensus=consensus, **spec.kwargs)
+            return PISA(spec.groups(model), **kw)
+        return PISA(model_parameters, **kw)
 
     return build
 
@@ -96,17 +97,22 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         elif spec.agents not in (1, topology.agents):
             raise ValueError(f"pisa_zero.deepspeed: optimizer.params.agents={spec.agents} != topology.agents")
         kwargs["mpu"] = AgentMPU(topology)
+    # ZeRO hands PISA flat partitions: nsisa routes their matrices' pieces (bound to the layout once it exists)
+    partitioned = "nsisa" in spec.preconditioners() and zero_stage(cfg) != 0
+    orthogonalizer = PartitionOrthogonalizer() if partitioned else None
     result = _original_initialize()(
         args=ds_args,
         model=model,
-        optimizer=optimizer_factory(spec, model, consensus=topology),
+        optimizer=optimizer_factory(spec, model, consensus=topology, orthogonalizer=orthogonalizer),
         model_parameters=model_parameters,
         config=cfg,
         **kwargs,
     )
-    engine = result[0]
-    if "nsisa" in spec.preconditioners():
-        install_nsisa(engine)
+    if partitioned:
+        engine = result[0]
+        if not isinstance(getattr(engine, "basic_optimizer", None), PISA):
+            raise ValueError("pisa_zero.deepspeed: the engine's optimizer is not PISA")
+        orthogonalizer.bind(partition_layouts(engine))
     return result
 
 
@@ -162,13 +168,3 @@ def _registered_initialize(args=None, model=None, optimizer=None, model_paramete
         )
         kwargs.update(zip(names, rest))
     return initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, **kwargs)
-
-
-def install_nsisa(engine) -> None:
-    """Give the engine's PISA the whole-matrix Newton–Schulz hook for its ZeRO partitions (no-op without ZeRO)."""
-    pisa = engine.basic_optimizer if hasattr(engine, "basic_optimizer") else None
-    if not isinstance(pisa, PISA):
-        raise ValueError("pisa_zero.deepspeed: the engine's optimizer is not PISA")
-    if engine.zero_optimization_stage() == 0:
-        return
-    pisa.flat_partition_orthogonalizer = _PartitionOrthogonalizer(partition_layouts(engine))

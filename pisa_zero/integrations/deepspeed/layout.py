@@ -30,7 +30,7 @@ def check_deepspeed_version() -> None:
 
 
 @dataclass(frozen=True)
-class Piece:
+class PartitionPiece:
     """The part of one parameter that lies in one rank's flat partition."""
 
     name: str
@@ -45,7 +45,7 @@ class PartitionLayout:
     """How one flat fp32 partition (one ZeRO-1/2 param group or one ZeRO-3 sub-group) maps onto parameters, for
     every rank of its data-parallel group (partitions have the same numel on every rank)."""
 
-    pieces: tuple[tuple[Piece, ...], ...]  # pieces[rank]
+    pieces: tuple[tuple[PartitionPiece, ...], ...]  # pieces[rank]
     numel: int  # numel of each rank's partition
     rank: int
     group: object  # the data-parallel process group
@@ -56,25 +56,25 @@ class PartitionLayout:
         return len(self.pieces)
 
 
-def _zero12_pieces(names, shapes, offsets, partition_size: int, rank: int) -> tuple[Piece, ...]:
+def _zero12_pieces(names, shapes, offsets, partition_size: int, rank: int) -> tuple[PartitionPiece, ...]:
     lo, hi = rank * partition_size, (rank + 1) * partition_size
     out = []
     for name, shape, off in zip(names, shapes, offsets):
         numel = int(torch.Size(shape).numel())
         start, end = max(off, lo), min(off + numel, hi)
         if start < end:
-            out.append(Piece(name, tuple(shape), start - lo, start - off, end - start))
+            out.append(PartitionPiece(name, tuple(shape), start - lo, start - off, end - start))
     return tuple(out)
 
 
-def _zero3_pieces(names, shapes, rank: int, world: int) -> tuple[tuple[Piece, ...], int]:
+def _zero3_pieces(names, shapes, rank: int, world: int) -> tuple[tuple[PartitionPiece, ...], int]:
     out, local = [], 0
     for name, shape in zip(names, shapes):
         numel = int(torch.Size(shape).numel())
         pn = -(-numel // world)
         start, end = rank * pn, min((rank + 1) * pn, numel)
         if start < end:
-            out.append(Piece(name, tuple(shape), local, start, end - start))
+            out.append(PartitionPiece(name, tuple(shape), local, start, end - start))
         local += pn
     return tuple(out), local
 
