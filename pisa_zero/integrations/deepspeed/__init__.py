@@ -11,7 +11,7 @@ Two entry points (see ``docs/deepspeed.md``):
 
 NSISA (Newton–Schulz on whole matrices) under ZeRO: DeepSpeed hands the optimizer flat 1-D partitions that cut across
 parameters. The nsisa momentum and everything after Newton–Schulz are elementwise, so they run on the flat partition;
-only ``O = NS5(u)`` needs whole matrices. :func:`install_nsisa` gives the optimizer a strategy that sends each piece
+only ``O = NS5(u)`` needs whole matrices. :func:`initialize` builds PISA with a strategy that sends each piece
 of ``u`` to its matrix's owner rank (one all-to-all over the data-parallel group), rebuilds each whole matrix from the
 partition layout DeepSpeed recorded (ZeRO-1/2: ``round_robin_bit16_offsets``/``partition_size``; ZeRO-3: per-parameter
 ``ds_tensor`` partitions of a sub-group), orthogonalises them batched and sends the pieces of ``O`` back. Nothing inside
