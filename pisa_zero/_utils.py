@@ -1,9 +1,10 @@
 """Private helpers shared by the package (and the engine): DTensor local shards, whether torch.distributed is on,
-where a collective's buffer must live, a scalar all-reduce, peak memory."""
+where a collective's buffer must live, a scalar all-reduce, peak memory, whether torch.compile can run."""
 
 from __future__ import annotations
 
 import resource
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -46,3 +47,24 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+_COMPILED: dict[str, bool] = {}
+
+
+def compiled_available(device: torch.device) -> bool:
+    """torch.compile needs a C++ compiler on CPU and Triton on CUDA; otherwise foreach is the fastest."""
+    if device.type not in _COMPILED:
+        if device.type == "cpu":
+            ok = shutil.which("g++") is not None or shutil.which("c++") is not None
+        elif device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+
+                ok = True
+            except ImportError:
+                ok = False
+        else:
+            ok = False
+        _COMPILED[device.type] = ok
+    return _COMPILED[device.type]

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import math
 import numbers
-import shutil
 from collections.abc import Iterable
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 from . import functional as F
-from ._utils import comm_device, dist_on
+from ._utils import comm_device, compiled_available, dist_on
 from ._utils import local as _local
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
 from .local_steps import LocalRounds
@@ -302,7 +301,7 @@ class PISA(torch.optim.Optimizer):
     def _pick_implementation(self, params: list[Tensor]) -> str:
         if self.implementation is not None:
             return self.implementation
-        return "compiled" if _compiled_available(params[0].device) else "foreach"
+        return "compiled" if compiled_available(params[0].device) else "foreach"
 
     # ------------------------------------------------------------------------------------------------- step
     def effective_hyperparameters(self, group: dict) -> tuple[float, float]:
@@ -431,27 +430,6 @@ def _fused_adamw_available(params: list[Tensor]) -> bool:
 
     devices = _get_fused_kernels_supported_devices()
     return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
-
-
-_COMPILED_OK: dict[str, bool] = {}
-
-
-def _compiled_available(device: torch.device) -> bool:
-    """torch.compile needs a C++ compiler on CPU and Triton on CUDA; otherwise foreach is the fastest."""
-    if device.type not in _COMPILED_OK:
-        if device.type == "cpu":
-            ok = shutil.which("g++") is not None or shutil.which("c++") is not None
-        elif device.type == "cuda":
-            try:
-                import triton  # noqa: F401
-
-                ok = True
-            except ImportError:
-                ok = False
-        else:
-            ok = False
-        _COMPILED_OK[device.type] = ok
-    return _COMPILED_OK[device.type]
 
 
 def grads_are_finite(params: Iterable[Tensor], group=None) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pisa_zero import PISA, grads_are_finite
-from pisa_zero.optimizer import _compiled_available
+from pisa_zero._utils import compiled_available
 from pisa_zero.reference import ReferencePISA
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +44,7 @@ def test_bf16_state_on_cuda():
 
 
 def test_default_implementation_is_compiled_on_cuda():
-    assert _compiled_available(torch.device("cuda"))
+    assert compiled_available(torch.device("cuda"))
 
 
 def test_finite_check_on_cuda():
