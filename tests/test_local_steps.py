@@ -250,8 +250,20 @@ def _body2(rank, world, root):
     model, opt = _fsdp(topo, "nsisa", H)
     _train(model, opt, topo, 0, 7, SIZES2, heterogeneous=True)
     checkpoint.save(os.path.join(root, "mid2"), model, opt)
+    out["mid2_local"] = _weights(model)
+    with opt.consensus_weights():
+        out["mid2_anchor"] = _weights(model)
     _train(model, opt, topo, 7, STEPS, SIZES2, heterogeneous=True)
     out["uninterrupted"] = _weights(model)
+    # the same checkpoint merged into one agent of 2 shards: w_i α-averaged, the anchor kept
+    one = AgentTopology.build(agents=1)
+    model, opt = _fsdp(one, "nsisa", H)
+    checkpoint.load(os.path.join(root, "mid2"), model, opt)
+    out["merged_local"] = _weights(model)
+    with opt.consensus_weights():
+        out["merged_anchor"] = _weights(model)
+    _train(model, opt, one, 7, STEPS, [16], heterogeneous=False)
+    out["merged_trained"] = _weights(model)
     model, opt = _fsdp(topo, "nsisa", H)
     checkpoint.load(os.path.join(root, "mid2"), model, opt)
     out["resumed_position"] = opt.round_position
@@ -528,6 +540,19 @@ def test_resume_mid_round_bit_identical(runs):
 
 
 @pytest.mark.slow
+def test_mid_round_checkpoint_merges_agents(runs):
+    """2 agents → 1 agent (2 shards) mid-round: w_i is α-averaged like π, the anchor (the saved model) is kept."""
+    two, _ = runs
+    alphas = [s / sum(SIZES2) for s in SIZES2]
+    local = [r["mid2_local"] for r in two]
+    for n, w in two[0]["merged_local"].items():
+        expected = alphas[0] * local[0][n] + alphas[1] * local[1][n]
+        assert torch.allclose(w, expected, rtol=1e-6, atol=1e-7), n
+        assert torch.equal(two[0]["merged_anchor"][n], two[0]["mid2_anchor"][n])
+        assert math.isfinite(two[0]["merged_trained"][n].sum().item())
+
+
+@pytest.mark.slow
 def test_mid_round_checkpoint_reshards(runs):
     """2 × 2 → 2 × 1 mid-round: the continued run reaches the uninterrupted 2 × 2 run's point to round-off."""
     two, four = runs
@@ -584,3 +609,35 @@ def test_engine_local_steps_flag_needs_agents(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--local-steps", "0", "--agents", "2", "--backend", "fsdp2"])
     assert parse_args(["--local-steps", "4", "--agents", "2", "--backend", "fsdp2"]).local_steps == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preconditioner", ["sisa", "nsisa"])
+def test_cuda_local_steps_match_reference_with_cpu_anchor(preconditioner):
+    """CUDA parameters, one agent (no torch.distributed), H = 4, weight decay and λ: anchor on the GPU and on the CPU
+    give the same bits, and both match pisa_zero.reference's local-step round."""
+    from pisa_zero.reference import ReferencePISA
+
+    shapes = [(64, 32), (32, 64), (33,)]
+    hp = dict(sigma=2.0, rho=10.0, l2_lambda=0.05, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(12)]
+    kinds = [preconditioner if len(s) == 2 else "sisa" for s in shapes]
+    results = []
+    for anchor_device in (None, "cpu"):
+        params = [torch.nn.Parameter(t.cuda()) for t in cpu]
+        groups = [{"params": [p], "preconditioner": k} for p, k in zip(params, kinds)]
+        opt = PISA(groups, consensus=AgentTopology.build(agents=1), local_steps=4, anchor_device=anchor_device, **hp)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.cuda()
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref = ReferencePISA(cpu, preconditioner=kinds, local_steps=4, **hp)
+    for step_grads in grads:
+        ref.step([lambda w, g=step_grads: g])
+    err = max(((p.double() - r).norm() / r.norm()).item() for p, r in zip(results[0], ref.w))
+    assert err <= (1e-5 if preconditioner == "sisa" else 1e-3)  # NS in bf16 on CUDA
