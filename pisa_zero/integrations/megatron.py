@@ -93,15 +93,45 @@ def megatron_version() -> tuple[int, int]:
     return tuple(int(x) for x in megatron.core.__version__.split(".")[:2])
 
 
-def _check_megatron_version() -> None:
+def _check_megatron() -> None:
+    """Fail at construction, naming what is missing, if this megatron-core lacks an internal the wrapper uses
+    (the same names exist on upstream main as of 0.20.0-dev, where ``optimizer_state_keys`` was added)."""
+    from megatron.core import optimizer as mopt
+    from megatron.core.optimizer import optimizer as mopt_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    needed = [
+        (mopt, "_get_param_groups"),
+        (mopt_optimizer, "param_group_identifier_keys"),
+        (ProcessGroupCollection, "setup_process_groups_for_optimizer"),
+        *((DistributedOptimizer, name) for name in _DISTRIBUTED_OPTIMIZER_INTERNALS),
+    ]
+    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed if not hasattr(owner, name)]
     version = megatron_version()
-    if version not in TESTED_MEGATRON and version < (0, 19):
+    if missing:
+        raise RuntimeError(
+            f"pisa_zero.megatron: megatron-core {version[0]}.{version[1]} lacks {missing}; tested on {TESTED_MEGATRON}"
+        )
+    if version not in TESTED_MEGATRON:
         logger.warning(
-            "pisa_zero.megatron: megatron-core %s.%s is not among the tested versions %s; run "
-            "tests/test_megatron*.py on it",
+            "pisa_zero.megatron: megatron-core %s.%s is not among the tested versions %s; run tests/test_megatron*.py",
             *version,
             TESTED_MEGATRON,
         )
+
+
+#: DistributedOptimizer methods PISADistributedOptimizer overrides or calls.
+_DISTRIBUTED_OPTIMIZER_INTERNALS = (
+    "_get_main_param_and_optimizer_states",
+    "_set_main_param_and_optimizer_states",
+    "load_parameter_state_from_dp_reshardable",
+    "load_parameter_state_from_fully_reshardable",
+    "_collect_main_grad_data_for_unscaling",
+    "_get_model_param_range_map",
+    "prepare_grads",
+    "step_with_ready_grads",
+)
 
 
 # ----------------------------------------------------------------------------------------------- param groups
@@ -496,7 +526,7 @@ def get_pisa_optimizer(
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.utils import get_pg_rank, get_pg_size
 
-    _check_megatron_version()
+    _check_megatron()
     _validate(config, pisa_kwargs)
     _check_grouping(preconditioner, other_preconditioner, other_options)
     if config.overlap_param_gather_with_optimizer_step:
