@@ -101,9 +101,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pisa-rho", type=float, default=100.0, help="rho: preconditioner weight at the peak lr")
     g.add_argument(
         "--pisa-preconditioner",
-        choices=("sisa", "adagrad", "identity"),
+        choices=("sisa", "adagrad", "identity", "nsisa"),
         default="sisa",
-        help="preconditioner of the transformer block matrices (elementwise: exact on Megatron's shards)",
+        help="preconditioner of the transformer block matrices; nsisa: Newton-Schulz on whole matrices routed over "
+        "the DP group (TP=1, no offload)",
     )
     g.add_argument(
         "--pisa-other-preconditioner",
@@ -114,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pisa-aux-lr", type=float, default=None, help="peak lr of the auxiliary AdamW; default --lr")
     g.add_argument("--pisa-beta2", type=float, default=0.999, help="beta2 of sisa's second moment")
     g.add_argument("--pisa-eps", type=float, default=1e-8, help="eps inside the preconditioner")
+    g.add_argument("--pisa-momentum", type=float, default=0.95, help="nsisa's (Nesterov) momentum")
+    g.add_argument("--pisa-ns-steps", type=int, default=5, help="nsisa's Newton-Schulz iterations")
     g.add_argument("--pisa-l2-lambda", type=float, default=0.0, help="server-side l2 term of the consensus")
     g.add_argument(
         "--pisa-state-dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the dual and second moment"
@@ -306,6 +309,8 @@ def pisa_options(args) -> dict:
         rho=args.pisa_rho,
         beta2=args.pisa_beta2,
         eps=args.pisa_eps,
+        momentum=args.pisa_momentum,
+        ns_steps=args.pisa_ns_steps,
         l2_lambda=args.pisa_l2_lambda,
         state_dtype=torch.bfloat16 if args.pisa_state_dtype == "bf16" else torch.float32,
     )

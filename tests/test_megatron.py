@@ -32,6 +32,7 @@ from distributed import run_distributed  # noqa: E402
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16"]
 PISA_OPTIONS = dict(preconditioner="sisa", other_preconditioner="adamw", sigma=30.0, rho=100.0)
+NSISA_OPTIONS = dict(preconditioner="nsisa", other_preconditioner="adamw", sigma=30.0, rho=100.0)
 
 
 def _quiet():
@@ -42,13 +43,13 @@ def _quiet():
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
-def _tiny_model(seed: int, tp: int = 1):
+def _tiny_model(seed: int, tp: int = 1, vocab: int = 128):
     """A 2-layer GPTModel (vocab 128), fp32, CPU-initialised from ``seed``."""
     import pretrain_gpt_pisa as script
 
     args = script.parse_args([*TINY, "--tensor-model-parallel-size", str(tp)])
     torch.manual_seed(seed)
-    return script.build_model(args, 128, on_gpu=False)
+    return script.build_model(args, vocab, on_gpu=False)
 
 
 def _batch(step: int, rows: slice | None = None):
@@ -180,7 +181,8 @@ def test_megatron_aux_adamw_lr_moves_megatrons_schedule(no_shim):
 @pytest.mark.parametrize(
     "kwargs, config, match",
     [
-        ({"preconditioner": "nsisa"}, {}, "nsisa needs whole matrices"),
+        ({"preconditioner": "nsisa"}, {}, "nsisa' needs other_preconditioner"),
+        ({"preconditioner": "sisa", "other_preconditioner": "nsisa"}, {}, "nsisa is for the block matrices"),
         ({"other_preconditioner": "muon"}, {}, "other_preconditioner='muon'"),
         ({"sigmaa": 1.0}, {}, "unknown PISA option.*sigmaa"),
         ({"other_options": {"lr": 1e-3, "wd": 0.1}}, {}, "unknown keys \\['wd'\\]"),
@@ -242,17 +244,17 @@ def test_megatron_launch_script_rejects_bad_flags(argv, match, capsys):
 
 
 # ------------------------------------------------------------------------------------ CPU under the device shim
-def _megatron_pisa(seed: int, **config):
+def _megatron_pisa(seed: int, pisa: dict = PISA_OPTIONS, vocab: int = 128, **config):
     """GPTModel + Megatron DDP (distributed optimizer) + PISA from the factory, on the current parallel state."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from pisa_zero.integrations.megatron import get_pisa_optimizer
 
-    tconfig, model = _tiny_model(seed)
+    tconfig, model = _tiny_model(seed, vocab=vocab)
     ddp = DistributedDataParallel(
         tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model
     )
-    return ddp, get_pisa_optimizer(_opt_config(**config), [ddp], **PISA_OPTIONS)
+    return ddp, get_pisa_optimizer(_opt_config(**config), [ddp], **pisa)
 
 
 def _megatron_step(ddp, optimizer, step: int, rank: int, world: int):
@@ -352,6 +354,45 @@ def _shim_body(rank, world, tmp):
     out["model_numel"] = sum(p.numel() for p in ddp.module.parameters())
     out["state_keys"] = sorted({k for o in optimizer.chained_optimizers for s in o.optimizer.state.values() for k in s})
 
+    # 1b. NSISA + auxiliary AdamW: Newton–Schulz on whole matrices routed over the DP group == single process.
+    #     Vocabulary 4096: the embedding fills rank 1's whole range, so rank 1 holds no matrix shard and must still
+    #     take part in the routing collective.
+    nsisa = dict(NSISA_OPTIONS)
+    ddp, optimizer = _megatron_pisa(seed=0, pisa=nsisa, vocab=4096, clip_grad=0.0)
+    for step in range(3):
+        assert _megatron_step(ddp, optimizer, step, rank, world)[0]
+    _, reference = _tiny_model(seed=0, vocab=4096)
+    kinds = {k: nsisa.pop(k) for k in ("preconditioner", "other_preconditioner")}
+    ref_opt = PISA(pisa_param_groups([reference], _opt_config(), None, **kinds), **nsisa)
+    for step in range(3):
+        halves = []
+        for r in range(world):
+            reference.zero_grad()
+            x, pos, y = _batch(step, slice(r * 2, r * 2 + 2))
+            reference(x, pos, None, labels=y).mean().backward()
+            halves.append({id(p): p.grad * (1.0 / world) for p in reference.parameters()})
+        for p in reference.parameters():
+            p.grad = halves[0][id(p)] + halves[1][id(p)]
+        ref_opt.step()
+    got, want = _weights(ddp.module), _weights(reference)
+    inner = optimizer.chained_optimizers[0].optimizer
+    out["nsisa"] = {
+        "max_diff": max((got[n] - want[n]).abs().max().item() for n in want),
+        "moved": max((want[n] - w).abs().max().item() for n, w in _weights(_tiny_model(0, vocab=4096)[1]).items()),
+        "matrix_shards": sum(len(g["params"]) for g in inner.param_groups if g["preconditioner"] == "nsisa"),
+        "state_keys": sorted({k for s in inner.state.values() for k in s}),
+    }
+    path = os.path.join(tmp, "nsisa")
+    _save(ddp, optimizer, path, "dp_reshardable")
+    for step in range(3, 5):
+        _megatron_step(ddp, optimizer, step, rank, world)
+    uninterrupted = _weights(ddp.module)
+    ddp2, optimizer2 = _megatron_pisa(seed=1, pisa=NSISA_OPTIONS, vocab=4096, clip_grad=0.0)
+    _load(ddp2, optimizer2, path, "dp_reshardable")
+    for step in range(3, 5):
+        _megatron_step(ddp2, optimizer2, step, rank, world)
+    out["nsisa"]["resume_bit_exact"] = all(torch.equal(uninterrupted[n], w) for n, w in _weights(ddp2.module).items())
+
     # 2. A NaN in one rank's shard only: every rank skips the step, nothing changes.
     before, steps_before = _weights(ddp.module), _steps(optimizer)
     ddp.zero_grad_buffer()
@@ -438,6 +479,16 @@ def test_megatron_distributed_optimizer_2_ranks_equals_single_process_pisa(shim_
     # ZeRO-1: each rank's PISA holds about half of the parameters (padding aside)
     assert sum(r["shard_numel"] for r in two) == pytest.approx(two[0]["model_numel"], rel=0.01)
     assert all(r["shard_numel"] < 0.6 * r["model_numel"] for r in two)
+
+
+def test_megatron_nsisa_whole_matrices_routed_equals_single_process(shim_runs):
+    two, _ = shim_runs
+    assert two[0]["nsisa"]["matrix_shards"] > 0 and two[1]["nsisa"]["matrix_shards"] == 0  # rank 1: embedding only
+    for r in two:
+        assert r["nsisa"]["moved"] > 1e-3
+        assert r["nsisa"]["max_diff"] < 1e-7, r["nsisa"]  # measured 0.0: the same arithmetic, routed
+        assert r["nsisa"]["resume_bit_exact"]
+    assert two[0]["nsisa"]["state_keys"] == ["dual", "exp_avg", "exp_avg_sq", "momentum", "step"]
 
 
 def test_megatron_nonfinite_shard_on_one_rank_skips_on_all_ranks(shim_runs):

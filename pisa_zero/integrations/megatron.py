@@ -26,8 +26,8 @@ Megatron 0.16 assumptions this module meets without patching Megatron:
   With CPU offload the inner optimizer is Megatron's ``HybridDeviceOptimizer`` with PISA on both devices.
 - Checkpoint code names the two optimizer-state tensors of a shard ``exp_avg``/``exp_avg_sq`` (hard-coded in 0.16,
   ``optimizer_state_keys`` in 0.19). Those are the *slots* PISA's state is written to (:data:`STATE_SLOTS`): AdamW
-  groups store ``exp_avg``/``exp_avg_sq``, PISA groups ``dual`` and ``second_moment`` (sisa, adagrad) or zeros
-  (identity). Every parameter has both slots, which Megatron's bucket-wise formats need.
+  groups store ``exp_avg``/``exp_avg_sq``, PISA groups ``dual`` and ``second_moment`` (sisa, adagrad),
+  ``momentum`` (nsisa) or zeros (identity). Every parameter has both slots, which Megatron's bucket-wise formats need.
 - Megatron saves one ``step`` for all parameters and on load hands every parameter *the same* tensor, which a
   per-parameter ``state['step'] += 1`` would advance N times per step. Here each group's step is saved with the
   group (``pisa_step``) and every parameter gets its own tensor back.
@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 TESTED_MEGATRON = ((0, 16),)
 #: Preconditioners that are exact on Megatron's 1-D parameter shards.
 SHARD_PRECONDITIONERS = ("sisa", "adagrad", "identity", "adamw")
+#: Preconditioners of the block matrices: the elementwise ones, and 'nsisa' (whole matrices routed to owner ranks).
+MATRIX_PRECONDITIONERS = ("sisa", "adagrad", "identity", "nsisa")
 #: Megatron's checkpoint slot names ← the PISA state each preconditioner stores in them (None: zeros).
 STATE_SLOTS = ("exp_avg", "exp_avg_sq")
 _SLOT_SOURCES = {
@@ -67,6 +69,7 @@ _SLOT_SOURCES = {
     "sisa": ("dual", "second_moment"),
     "adagrad": ("dual", "second_moment"),
     "identity": ("dual", None),
+    "nsisa": ("dual", "momentum"),
 }
 #: Checkpoint formats of DistributedOptimizer.sharded_state_dict that PISA's state round-trips through.
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
@@ -203,13 +206,21 @@ def pisa_param_groups(
 
 
 def _check_grouping(preconditioner: str, other_preconditioner: str | None, other_options: dict | None) -> None:
-    for name, value in (("preconditioner", preconditioner), ("other_preconditioner", other_preconditioner)):
-        if value is not None and value not in SHARD_PRECONDITIONERS:
-            raise ValueError(
-                f"pisa_zero.megatron: invalid {name}={value!r}: Megatron's DistributedOptimizer hands the optimizer "
-                f"1-D parameter shards, on which only {SHARD_PRECONDITIONERS} are exact"
-                + (" (nsisa needs whole matrices)" if value == "nsisa" else "")
-            )
+    if preconditioner not in MATRIX_PRECONDITIONERS:
+        raise ValueError(
+            f"pisa_zero.megatron: invalid preconditioner={preconditioner!r}: expected one of {MATRIX_PRECONDITIONERS}"
+        )
+    if other_preconditioner is not None and other_preconditioner not in SHARD_PRECONDITIONERS:
+        raise ValueError(
+            f"pisa_zero.megatron: invalid other_preconditioner={other_preconditioner!r}: embeddings, norms and biases "
+            f"take one of {SHARD_PRECONDITIONERS}"
+            + (" (nsisa is for the block matrices: preconditioner='nsisa')" if other_preconditioner == "nsisa" else "")
+        )
+    if preconditioner == "nsisa" and other_preconditioner is None:
+        raise ValueError(
+            "pisa_zero.megatron: preconditioner='nsisa' needs other_preconditioner for embeddings, norms and biases "
+            "(usually 'adamw', the auxiliary AdamW)"
+        )
     unknown = sorted(set(other_options or {}) - set(OTHER_OPTION_KEYS))
     if unknown:
         raise ValueError(f"pisa_zero.megatron: other_options has unknown keys {unknown}; expected {OTHER_OPTION_KEYS}")
@@ -264,6 +275,14 @@ def _distributed_optimizer_cls():
                 logger.warning("PISA (Megatron): non-finite gradient on some rank; step skipped on all ranks")
                 return True
             return False
+
+        nsisa_orthogonalizer = None  # a ShardOrthogonalizer when the optimizer has an nsisa group
+
+        @torch.no_grad()
+        def step_with_ready_grads(self) -> bool:
+            if self.nsisa_orthogonalizer is not None and not self.is_stub_optimizer:
+                self.nsisa_orthogonalizer.join_if_empty(self.optimizer.param_groups)
+            return super().step_with_ready_grads()
 
         # ------------------------------------------------------------------------------------ checkpoint state
         def _slots(self, group_index: int, main_param: torch.Tensor) -> dict:
@@ -399,6 +418,70 @@ def _pisa_class(options: dict) -> type:
     return BoundPISA
 
 
+# ------------------------------------------------------------------------------------------------------- NSISA
+class ShardOrthogonalizer:
+    """``PISA(orthogonalizer=...)`` for the nsisa group of a Megatron DistributedOptimizer.
+
+    Each PISA tensor of that group is one fp32 main-param shard: elements ``[start, end)`` of one block matrix's
+    row-major flattening on this DP rank, i.e. one `pisa_zero.routing.Piece`. One `MatrixRouter` over the DP group
+    sends every piece of u = g + μb to its matrix's owner rank (cost-balanced), which runs Newton–Schulz on the whole
+    matrix and sends each rank its pieces of O back: two all-to-alls of the shards' size per step and 1/DP of the
+    Newton–Schulz work per rank. Never NS on a slice.
+
+    The router is collective: a DP rank whose range holds no piece of the group still takes part
+    (:meth:`join_if_empty`, called by the distributed optimizer before PISA's step, in which such a rank has no
+    nsisa work and would otherwise not call the router).
+    """
+
+    def __init__(self):
+        self.router = None
+        self.group_index = None
+        self._ids: list[int] = []
+        self._device = None
+
+    def bind(self, dist_opt, group_index: int, names: dict[int, str]) -> None:
+        """Build the router from ``dist_opt``'s shard layout of param group ``group_index`` (collective: one
+        ``all_gather_object`` over the DP group)."""
+        from ..routing import MatrixRouter, Piece
+
+        by_order = {
+            order: model_param
+            for model_param, (index, order) in dist_opt.model_param_group_index_map.items()
+            if index == group_index
+        }
+        shards = dist_opt.optimizer.param_groups[group_index]["params"]
+        if sorted(by_order) != list(range(len(shards))):
+            raise RuntimeError("PISA (Megatron): nsisa shards and DistributedOptimizer's group index map disagree")
+        pieces = []
+        for order in range(len(shards)):
+            model_param = by_order[order]
+            if model_param.dim() != 2:
+                raise ValueError(f"PISA (Megatron): nsisa group holds {names[id(model_param)]}, which is not a matrix")
+            span = dist_opt._get_model_param_range_map(model_param)["param"]
+            pieces.append(Piece(names[id(model_param)], tuple(model_param.shape), span.start, span.size))
+        self.router = MatrixRouter.from_local_pieces(pieces, dist_opt.data_parallel_group)
+        self.group_index = group_index
+        self._ids = [id(p) for p in shards]
+        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+    def __call__(self, params, directions, ns_steps: int) -> list[torch.Tensor]:
+        if self.router is None or [id(p) for p in params] != self._ids:
+            raise ValueError(
+                "PISA (Megatron): nsisa was handed tensors that are not the DistributedOptimizer's shards it was "
+                "bound to (build the optimizer with pisa_zero.integrations.megatron.get_pisa_optimizer)"
+            )
+        u = directions[0]
+        return self.router.orthogonalize(directions, ns_steps, F.ns_compute_dtype(u.device, u.dtype))
+
+    def join_if_empty(self, param_groups: list[dict]) -> None:
+        group = param_groups[self.group_index]
+        if group["params"] or group["lr"] == 0:  # PISA calls the router itself / every rank skips the group
+            return
+        device = self._device or torch.device("cpu")
+        dtype = torch.float32
+        self.router.orthogonalize([], group["ns_steps"], F.ns_compute_dtype(device, dtype), dtype=dtype, device=device)
+
+
 # ------------------------------------------------------------------------------------------------------- factory
 def _validate(config, pisa_kwargs: dict) -> None:
     unknown = sorted(set(pisa_kwargs) - set(PISA_KEYS))
@@ -466,7 +549,10 @@ def _build(
             lr=config.lr,
         )
     else:
-        pisa = PISA(groups, **options)  # validates the groups on the (leaf) model parameters
+        # the nsisa group with matrices (model params: the same on every DP rank, before Megatron shards them)
+        nsisa = [i for i, g in enumerate(groups) if g["preconditioner"] == "nsisa" and g["params"]]
+        orthogonalizer = ShardOrthogonalizer() if nsisa else None
+        pisa = PISA(groups, orthogonalizer=orthogonalizer, **options)  # validates the groups on the model params
         # A state-less AdamW carries the groups' parameter lists through DistributedOptimizer.__init__, which
         # accepts only Adam-family inner optimizers in Megatron 0.16.
         inner = torch.optim.AdamW([{"params": g["params"]} for g in groups], lr=config.lr)
@@ -489,9 +575,33 @@ def _build(
             group["params"] = carried["params"]
         pisa.load_state_dict(pisa.state_dict())
         optimizer.optimizer = pisa
+        if orthogonalizer is not None:
+            names = {id(p): f"{i}.{n}" for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()}
+            orthogonalizer.bind(optimizer, nsisa[0], names)
+            optimizer.nsisa_orthogonalizer = orthogonalizer
     optimizer.grad_stats_parallel_group = intra_dist_opt_group
     optimizer.tp_group = tp_group
     return optimizer
+
+
+def _check_nsisa(config, tp_group, dense: list[dict], expert: list[dict]) -> None:
+    if config.optimizer_cpu_offload:
+        raise ValueError(
+            "get_pisa_optimizer: preconditioner='nsisa' with optimizer_cpu_offload: HybridDeviceOptimizer splits the "
+            "shards over several sub-optimizers, so whole-matrix routing cannot run; use 'sisa' or no offload"
+        )
+    if tp_group is not None and tp_group.size() > 1:
+        raise ValueError(
+            "get_pisa_optimizer: preconditioner='nsisa' with tensor parallelism: each TP rank holds a block of every "
+            "matrix and Newton–Schulz would run on a slice; use TP=1 (DP and EP are fine) or 'sisa'"
+        )
+    for kind, groups in (("dense", dense), ("expert-parallel", expert)):
+        count = sum(g["preconditioner"] == "nsisa" and bool(g["params"]) for g in groups)
+        if count > 1:
+            raise ValueError(
+                f"get_pisa_optimizer: preconditioner='nsisa' needs the {kind} block matrices in one param group; "
+                f"config_overrides split them into {count} (their Newton–Schulz exchange is one collective per step)"
+            )
 
 
 def get_pisa_optimizer(
@@ -515,7 +625,8 @@ def get_pisa_optimizer(
             used as Megatron uses them. ``config.optimizer`` is not read.
         model_chunks: Megatron ``DistributedDataParallel`` model chunks (``use_distributed_optimizer=True``).
         config_overrides, use_gloo_process_groups, pg_collection: as for ``get_megatron_optimizer``.
-        preconditioner: PISA preconditioner of the transformer block matrices ('sisa', 'adagrad', 'identity').
+        preconditioner: PISA preconditioner of the transformer block matrices ('sisa', 'adagrad', 'identity', or
+            'nsisa': Newton–Schulz on whole matrices routed over the DP group; needs TP=1, no offload).
         other_preconditioner: of embeddings, output layer, norms and biases ('adamw' for the auxiliary AdamW);
             None: the same as ``preconditioner``.
         other_options: per-group overrides for those ('lr', 'betas', 'eps', 'sigma', 'rho', 'beta2', 'l2_lambda');
@@ -559,6 +670,8 @@ def get_pisa_optimizer(
     options = dict(pisa_kwargs)
     dense = [g for g in groups if not g["is_expert_parallel"]]
     expert = [g for g in groups if g["is_expert_parallel"]]
+    if preconditioner == "nsisa":
+        _check_nsisa(config, tp_group, dense, expert)
 
     def buffers(name: str) -> dict:
         return {i: getattr(c, name) for i, c in enumerate(model_chunks) if hasattr(c, name)}
