@@ -523,6 +523,8 @@ def _launch_body(rank, world, tmp):
     common = [*TINY, "--micro-batch-size", "2", "--global-batch-size", "8", "--data-path", os.path.join(tmp, "data")]
     common += [
         "--bf16",
+        "--pisa-preconditioner",
+        "nsisa",
         "--lr-warmup-iters",
         "1",
         "--lr-decay-iters",
@@ -554,7 +556,7 @@ def launch_run(tmp_path_factory):
     return tmp, run_distributed(_launch_body, 2, str(tmp), timeout=300)
 
 
-def test_megatron_launch_script_trains_bf16_on_2_ranks(launch_run):
+def test_megatron_launch_script_trains_bf16_nsisa_on_2_ranks(launch_run):
     _, results = launch_run
     for r in results:
         u = r["uninterrupted"]
@@ -587,7 +589,7 @@ def test_megatron_launch_script_writes_tensorboard_scalars(launch_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_step", "val/loss"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert {"pisa/sisa/primal_residual", "pisa/sisa/dual_norm", "pisa/adamw/update_rms"} <= tags
+    assert {"pisa/nsisa/primal_residual", "pisa/nsisa/dual_norm", "pisa/adamw/update_rms"} <= tags
     assert events.Scalars("train/lr")[0].value == 0.0  # warmup starts at lr 0 (PISA leaves everything as is)
 
 
