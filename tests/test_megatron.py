@@ -244,13 +244,17 @@ def test_megatron_launch_script_rejects_bad_flags(argv, match, capsys):
 
 
 # ------------------------------------------------------------------------------------ CPU under the device shim
-def _megatron_pisa(seed: int, pisa: dict = PISA_OPTIONS, vocab: int = 128, **config):
-    """GPTModel + Megatron DDP (distributed optimizer) + PISA from the factory, on the current parallel state."""
+def _megatron_pisa(seed: int, pisa: dict = PISA_OPTIONS, vocab: int = 128, experts: bool = False, **config):
+    """GPTModel + Megatron DDP (distributed optimizer) + PISA from the factory, on the current parallel state.
+    ``experts``: the MLP fc1 weights are marked expert-parallel (``allreduce=False``, as Megatron's MoE experts)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from pisa_zero.integrations.megatron import get_pisa_optimizer
 
     tconfig, model = _tiny_model(seed, vocab=vocab)
+    for name, p in model.named_parameters():
+        if experts and name.endswith("linear_fc1.weight"):
+            p.allreduce = False
     ddp = DistributedDataParallel(
         tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), model
     )
@@ -304,6 +308,36 @@ def _load(ddp, optimizer, path: str, fmt: str):
     optimizer.load_state_dict(loaded["optimizer"])
 
 
+def _single_process_pisa(options: dict, world: int, clip: float, vocab: int = 128, steps: int = 3):
+    """The reference: one process, plain PISA on the whole GPTModel, each half-batch's gradient halved and summed
+    (DDP's arithmetic), torch's clip_grad_norm_; returns (model, pre-clip grad norms)."""
+    from pisa_zero import PISA
+    from pisa_zero.integrations.megatron import pisa_param_groups
+
+    options = dict(options)
+    kinds = {k: options.pop(k) for k in ("preconditioner", "other_preconditioner")}
+    _, reference = _tiny_model(seed=0, vocab=vocab)
+    optimizer = PISA(pisa_param_groups([reference], _opt_config(), None, **kinds), **options)
+    norms = []
+    for step in range(steps):
+        halves = []
+        for r in range(world):
+            reference.zero_grad()
+            x, pos, y = _batch(step, slice(r * 4 // world, (r + 1) * 4 // world))
+            reference(x, pos, None, labels=y).mean().backward()
+            halves.append({id(p): p.grad * (1.0 / world) for p in reference.parameters()})
+        for p in reference.parameters():
+            p.grad = halves[0][id(p)] + halves[1][id(p)] if world == 2 else halves[0][id(p)]
+        norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf")).item())
+        optimizer.step()
+    return reference, norms
+
+
+def _max_diff(a, b) -> float:
+    wa, wb = _weights(a), _weights(b)
+    return max((wa[n] - wb[n]).abs().max().item() for n in wa)
+
+
 def _shim_body(rank, world, tmp):
     import megatron_shim
 
@@ -311,74 +345,46 @@ def _shim_body(rank, world, tmp):
     _quiet()
     from megatron.core import parallel_state as ps
 
-    from pisa_zero import PISA
-    from pisa_zero.integrations.megatron import pisa_param_groups
-
     ps.initialize_model_parallel()
     out = {}
-
     # 1. Megatron DistributedOptimizer PISA on 2 ranks == one process running plain PISA on the same gradients
     #    (each half-batch's gradient halved, then summed: DDP's arithmetic), without and with gradient clipping.
     out["vs_single_process"] = {}
     for clip in (0.0, 1.0):
         ddp, optimizer = _megatron_pisa(seed=0, clip_grad=clip)
-        norms = []
-        for step in range(3):
-            ok, grad_norm, _ = _megatron_step(ddp, optimizer, step, rank, world)
-            assert ok
-            norms.append(grad_norm)
-        _, reference = _tiny_model(seed=0)
-        names = ("preconditioner", "other_preconditioner")
-        groups = pisa_param_groups([reference], _opt_config(), None, **{k: PISA_OPTIONS[k] for k in names})
-        ref_opt = PISA(groups, sigma=30.0, rho=100.0)
-        ref_norms = []
-        for step in range(3):
-            halves = []
-            for r in range(world):
-                reference.zero_grad()
-                x, pos, y = _batch(step, slice(r * 2, r * 2 + 2))
-                reference(x, pos, None, labels=y).mean().backward()
-                halves.append({id(p): p.grad * (1.0 / world) for p in reference.parameters()})
-            for p in reference.parameters():
-                p.grad = halves[0][id(p)] + halves[1][id(p)]
-            ref_norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf")).item())
-            ref_opt.step()
-        got, want = _weights(ddp.module), _weights(reference)
-        out["vs_single_process"][clip] = {
-            "max_diff": max((got[n] - want[n]).abs().max().item() for n in want),
-            "norms": (norms, ref_norms),
-        }
-    out["moved"] = max((want[n] - w).abs().max().item() for n, w in _weights(_tiny_model(seed=0)[1]).items())
+        norms = [_megatron_step(ddp, optimizer, step, rank, world)[1] for step in range(3)]
+        reference, ref_norms = _single_process_pisa(PISA_OPTIONS, world, clip)
+        out["vs_single_process"][clip] = {"max_diff": _max_diff(ddp.module, reference), "norms": (norms, ref_norms)}
+    out["moved"] = _max_diff(reference, _tiny_model(seed=0)[1])
     shards = [p for o in optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
     out["shard_numel"] = sum(p.numel() for p in shards)
     out["model_numel"] = sum(p.numel() for p in ddp.module.parameters())
     out["state_keys"] = sorted({k for o in optimizer.chained_optimizers for s in o.optimizer.state.values() for k in s})
 
+    # 1a. Expert-parallel parameters (DDP's allreduce=False; here the MLP fc1 weights, EP=1) get their own
+    #     distributed optimizer over the expert-data-parallel group, chained after the dense one, as Megatron does.
+    ddp, optimizer = _megatron_pisa(seed=0, experts=True, clip_grad=1.0)
+    for step in range(3):
+        assert _megatron_step(ddp, optimizer, step, rank, world)[0]
+    reference, _ = _single_process_pisa(PISA_OPTIONS, world, 1.0)
+    out["experts"] = {
+        "max_diff": _max_diff(ddp.module, reference),
+        "chained": [
+            sorted({g["is_expert_parallel"] for g in o.optimizer.param_groups}) for o in optimizer.chained_optimizers
+        ],
+    }
+
     # 1b. NSISA + auxiliary AdamW: Newton–Schulz on whole matrices routed over the DP group == single process.
     #     Vocabulary 4096: the embedding fills rank 1's whole range, so rank 1 holds no matrix shard and must still
     #     take part in the routing collective.
-    nsisa = dict(NSISA_OPTIONS)
-    ddp, optimizer = _megatron_pisa(seed=0, pisa=nsisa, vocab=4096, clip_grad=0.0)
+    ddp, optimizer = _megatron_pisa(seed=0, pisa=NSISA_OPTIONS, vocab=4096, clip_grad=0.0)
     for step in range(3):
         assert _megatron_step(ddp, optimizer, step, rank, world)[0]
-    _, reference = _tiny_model(seed=0, vocab=4096)
-    kinds = {k: nsisa.pop(k) for k in ("preconditioner", "other_preconditioner")}
-    ref_opt = PISA(pisa_param_groups([reference], _opt_config(), None, **kinds), **nsisa)
-    for step in range(3):
-        halves = []
-        for r in range(world):
-            reference.zero_grad()
-            x, pos, y = _batch(step, slice(r * 2, r * 2 + 2))
-            reference(x, pos, None, labels=y).mean().backward()
-            halves.append({id(p): p.grad * (1.0 / world) for p in reference.parameters()})
-        for p in reference.parameters():
-            p.grad = halves[0][id(p)] + halves[1][id(p)]
-        ref_opt.step()
-    got, want = _weights(ddp.module), _weights(reference)
+    reference, _ = _single_process_pisa(NSISA_OPTIONS, world, 0.0, vocab=4096)
     inner = optimizer.chained_optimizers[0].optimizer
     out["nsisa"] = {
-        "max_diff": max((got[n] - want[n]).abs().max().item() for n in want),
-        "moved": max((want[n] - w).abs().max().item() for n, w in _weights(_tiny_model(0, vocab=4096)[1]).items()),
+        "max_diff": _max_diff(ddp.module, reference),
+        "moved": _max_diff(reference, _tiny_model(0, vocab=4096)[1]),
         "matrix_shards": sum(len(g["params"]) for g in inner.param_groups if g["preconditioner"] == "nsisa"),
         "state_keys": sorted({k for s in inner.state.values() for k in s}),
     }
@@ -479,6 +485,12 @@ def test_megatron_distributed_optimizer_2_ranks_equals_single_process_pisa(shim_
     # ZeRO-1: each rank's PISA holds about half of the parameters (padding aside)
     assert sum(r["shard_numel"] for r in two) == pytest.approx(two[0]["model_numel"], rel=0.01)
     assert all(r["shard_numel"] < 0.6 * r["model_numel"] for r in two)
+
+
+def test_megatron_expert_parallel_params_get_their_own_chained_optimizer(shim_runs):
+    for r in shim_runs[0]:
+        assert r["experts"]["chained"] == [[False], [True]]
+        assert r["experts"]["max_diff"] < 1e-6, r["experts"]
 
 
 def test_megatron_nsisa_whole_matrices_routed_equals_single_process(shim_runs):
