@@ -505,18 +505,20 @@ def _validate(config, pisa_kwargs: dict) -> None:
 
 def _build(
     config,
-    model_chunks,
-    groups,
-    buffers,
-    pisa_options,
-    data_parallel_group,
-    data_parallel_group_gloo,
-    data_parallel_group_idx,
-    intra_dist_opt_group,
-    model_parallel_group,
-    instance_id,
+    model_chunks: list,
+    groups: list[dict],
+    buffers: dict,
+    pisa_options: dict,
+    *,
+    dp_group,
+    dp_group_gloo,
+    dp_group_idx: int,
+    stats_group,
+    instance_id: int,
     tp_group,
 ):
+    """One PISADistributedOptimizer over ``groups`` (the dense or the expert-parallel ones), as Megatron's
+    ``_get_megatron_optimizer_based_on_param_groups`` builds one Adam DistributedOptimizer."""
     from megatron.core.optimizer import ConstantGradScaler, DynamicGradScaler
     from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 
@@ -563,9 +565,9 @@ def _build(
         lambda opt, config=None: opt.init_state(),
         model_chunks=model_chunks,
         per_model_buffers=buffers,
-        data_parallel_group=data_parallel_group,
-        data_parallel_group_gloo=data_parallel_group_gloo,
-        data_parallel_group_idx=data_parallel_group_idx,
+        data_parallel_group=dp_group,
+        data_parallel_group_gloo=dp_group_gloo,
+        data_parallel_group_idx=dp_group_idx,
         distributed_optimizer_instance_id=instance_id,
     )
     if inner is not None and not config.optimizer_cpu_offload:
@@ -579,7 +581,7 @@ def _build(
             names = {id(p): f"{i}.{n}" for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()}
             orthogonalizer.bind(optimizer, nsisa[0], names)
             optimizer.nsisa_orthogonalizer = orthogonalizer
-    optimizer.grad_stats_parallel_group = intra_dist_opt_group
+    optimizer.grad_stats_parallel_group = stats_group
     optimizer.tp_group = tp_group
     return optimizer
 
@@ -676,6 +678,7 @@ def get_pisa_optimizer(
     def buffers(name: str) -> dict:
         return {i: getattr(c, name) for i, c in enumerate(model_chunks) if hasattr(c, name)}
 
+    common = dict(stats_group=pgs["intra_dist_opt_group"], instance_id=instance_id, tp_group=tp_group)
     optimizers = [
         _build(
             config,
@@ -683,13 +686,10 @@ def get_pisa_optimizer(
             dense,
             buffers("buffers"),
             options,
-            pgs["intra_dp_cp_group"],
-            pgs["intra_dp_cp_group_gloo"],
-            get_pg_rank(pgs["mp_group"]),
-            pgs["intra_dist_opt_group"],
-            pgs["mp_group"],
-            instance_id,
-            tp_group,
+            dp_group=pgs["intra_dp_cp_group"],
+            dp_group_gloo=pgs["intra_dp_cp_group_gloo"],
+            dp_group_idx=get_pg_rank(pgs["mp_group"]),
+            **common,
         )
     ]
     if expert:
@@ -700,13 +700,10 @@ def get_pisa_optimizer(
                 expert,
                 buffers("expert_parallel_buffers"),
                 options,
-                pgs["intra_expt_dp_group"],
-                pgs["intra_expt_dp_group_gloo"] if use_gloo_process_groups else None,
-                get_pg_rank(pgs["expt_tp_pp_group"]),
-                pgs["intra_dist_opt_group"],
-                pgs["expt_tp_pp_group"],
-                instance_id,
-                tp_group,
+                dp_group=pgs["intra_expt_dp_group"],
+                dp_group_gloo=pgs["intra_expt_dp_group_gloo"] if use_gloo_process_groups else None,
+                dp_group_idx=get_pg_rank(pgs["expt_tp_pp_group"]),
+                **common,
             )
         )
     return ChainedOptimizer(optimizers)
