@@ -43,11 +43,11 @@ def _quiet():
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
-def _tiny_model(seed: int, tp: int = 1, vocab: int = 128):
-    """A 2-layer GPTModel (vocab 128), fp32, CPU-initialised from ``seed``."""
+def _tiny_model(seed: int, tp: int = 1, vocab: int = 128, fp16: bool = False):
+    """A 2-layer GPTModel, fp32 (or fp16 in Megatron's Float16Module), CPU-initialised from ``seed``."""
     import pretrain_gpt_pisa as script
 
-    args = script.parse_args([*TINY, "--tensor-model-parallel-size", str(tp)])
+    args = script.parse_args([*TINY, "--tensor-model-parallel-size", str(tp), *(["--fp16"] if fp16 else [])])
     torch.manual_seed(seed)
     return script.build_model(args, vocab, on_gpu=False)
 
@@ -244,14 +244,16 @@ def test_megatron_launch_script_rejects_bad_flags(argv, match, capsys):
 
 
 # ------------------------------------------------------------------------------------ CPU under the device shim
-def _megatron_pisa(seed: int, pisa: dict = PISA_OPTIONS, vocab: int = 128, experts: bool = False, **config):
+def _megatron_pisa(
+    seed: int, pisa: dict = PISA_OPTIONS, vocab: int = 128, experts: bool = False, fp16_model: bool = False, **config
+):
     """GPTModel + Megatron DDP (distributed optimizer) + PISA from the factory, on the current parallel state.
     ``experts``: the MLP fc1 weights are marked expert-parallel (``allreduce=False``, as Megatron's MoE experts)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from pisa_zero.integrations.megatron import get_pisa_optimizer
 
-    tconfig, model = _tiny_model(seed, vocab=vocab)
+    tconfig, model = _tiny_model(seed, vocab=vocab, fp16=fp16_model)
     for name, p in model.named_parameters():
         if experts and name.endswith("linear_fc1.weight"):
             p.allreduce = False
@@ -266,7 +268,7 @@ def _megatron_step(ddp, optimizer, step: int, rank: int, world: int):
     optimizer.zero_grad()
     per_rank = 4 // world
     x, pos, y = _batch(step, slice(rank * per_rank, (rank + 1) * per_rank))
-    ddp(x, pos, None, labels=y).mean().backward()
+    optimizer.scale_loss(ddp(x, pos, None, labels=y).float().mean()).backward()
     ddp.finish_grad_sync()
     return optimizer.step()
 
@@ -399,7 +401,19 @@ def _shim_body(rank, world, tmp):
         _megatron_step(ddp2, optimizer2, step, rank, world)
     out["nsisa"]["resume_bit_exact"] = all(torch.equal(uninterrupted[n], w) for n, w in _weights(ddp2.module).items())
 
+    # 1c. fp16 with Megatron's dynamic loss scaler from 2**22: overflowing steps are skipped on every rank and leave
+    #     weights and PISA untouched; the scaler backs off until steps go through.
+    ddp, optimizer = _megatron_pisa(seed=0, fp16_model=True, fp16=True, initial_loss_scale=2.0**22)
+    fp16 = []
+    for step in range(10):
+        before = _weights(ddp.module)
+        ok, _, _ = _megatron_step(ddp, optimizer, step, rank, world)
+        fp16.append((ok, all(torch.equal(before[n], w) for n, w in _weights(ddp.module).items())))
+    out["fp16"] = {"steps": fp16, "scale": optimizer.get_loss_scale().item()}
+
     # 2. A NaN in one rank's shard only: every rank skips the step, nothing changes.
+    ddp, optimizer = _megatron_pisa(seed=0)
+    _megatron_step(ddp, optimizer, 0, rank, world)
     before, steps_before = _weights(ddp.module), _steps(optimizer)
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
@@ -501,6 +515,16 @@ def test_megatron_nsisa_whole_matrices_routed_equals_single_process(shim_runs):
         assert r["nsisa"]["max_diff"] < 1e-7, r["nsisa"]  # measured 0.0: the same arithmetic, routed
         assert r["nsisa"]["resume_bit_exact"]
     assert two[0]["nsisa"]["state_keys"] == ["dual", "exp_avg", "exp_avg_sq", "momentum", "step"]
+
+
+def test_megatron_fp16_loss_scaler_skips_overflow_then_trains(shim_runs):
+    for r in shim_runs[0]:
+        oks = [ok for ok, _ in r["fp16"]["steps"]]
+        assert not oks[0] and oks[-1], oks  # 2**22 overflows fp16 first; the scaler halves it until steps go through
+        assert all(unchanged for ok, unchanged in r["fp16"]["steps"] if not ok)
+        assert not any(unchanged for ok, unchanged in r["fp16"]["steps"] if ok)
+        assert r["fp16"]["scale"] < 2.0**22
+    assert shim_runs[0][0]["fp16"] == shim_runs[0][1]["fp16"]  # the same decisions on both ranks
 
 
 def test_megatron_nonfinite_shard_on_one_rank_skips_on_all_ranks(shim_runs):
