@@ -198,10 +198,10 @@ def test_megatron_factory_rejects_bad_arguments_before_any_work(kwargs, config, 
 
 
 def test_megatron_factory_rejects_bad_group_values():
-    from pisa_zero.integrations.megatron import _check_sharding_type
+    from pisa_zero.integrations.megatron.distributed_optimizer import check_sharding_type
 
     with pytest.raises(ValueError, match="fully_sharded_model_space"):
-        _check_sharding_type("fully_sharded_model_space")
+        check_sharding_type("fully_sharded_model_space")
 
 
 def test_megatron_launch_script_help_lists_every_argument():
@@ -630,6 +630,6 @@ def test_megatron_launch_script_writes_tensorboard_scalars(launch_run):
 
 
 def test_megatron_internals_the_wrapper_uses_exist():
-    from pisa_zero.integrations.megatron import _check_megatron
+    from pisa_zero.integrations.megatron.factory import check_megatron
 
-    _check_megatron()  # raises naming the missing attribute after a Megatron upgrade that renames one
+    check_megatron()  # raises naming the missing attribute after a Megatron upgrade that renames one
