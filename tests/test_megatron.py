@@ -577,7 +577,22 @@ def _launch_body(rank, world, tmp):
     resumed = script.main(
         [*common, "--train-iters", "4", "--load", os.path.join(tmp, "ckpt"), "--save", os.path.join(tmp, "ckpt")]
     )
-    return {"uninterrupted": uninterrupted, "first": first, "resumed": resumed}
+    # TP=2 (DP=1): Megatron's tensor-parallel layers with PISA on each TP rank's shards; nsisa is refused there
+    tp2 = [*TINY, "--micro-batch-size", "2", "--data-path", os.path.join(tmp, "data"), "--no-progress"]
+    tp2 += ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "2"]
+    tensor_parallel = script.main(tp2)
+    try:
+        script.main([*tp2, "--pisa-preconditioner", "nsisa"])
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    return {
+        "uninterrupted": uninterrupted,
+        "first": first,
+        "resumed": resumed,
+        "tp2": tensor_parallel,
+        "tp2_nsisa_refused": refused,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -598,6 +613,13 @@ def test_megatron_launch_script_trains_bf16_nsisa_on_2_ranks(launch_run):
         u = r["uninterrupted"]
         assert u["iteration"] == 4 and 3.0 < u["loss"] < 6.0 and u["val_loss"] is not None
     assert results[0]["uninterrupted"] == results[1]["uninterrupted"]  # logged values agree across ranks
+
+
+def test_megatron_launch_script_tensor_parallel_2(launch_run):
+    _, results = launch_run
+    assert results[0]["tp2"] == results[1]["tp2"]  # both TP ranks report the same (DP-reduced) loss
+    assert results[0]["tp2"]["iteration"] == 3 and 3.0 < results[0]["tp2"]["loss"] < 6.0
+    assert "tensor parallelism" in results[0]["tp2_nsisa_refused"]
 
 
 def test_megatron_launch_script_resume_matches_uninterrupted(launch_run):
