@@ -133,3 +133,13 @@ def run_scenarios(scenarios: dict[str, Callable], world_size: int, *args, timeou
     return ScenarioResults(
         run_distributed(_every_scenario, world_size, scenarios, args, kwargs, timeout=timeout), world_size
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for launchers that need --master_port; a fixed or pid-derived port can
+    collide with another run on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
