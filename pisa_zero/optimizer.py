@@ -1,14 +1,13 @@
-"""`PISA`: the torch.optim.Optimizer. Param groups, lazy per-tensor state, the lr → σ, ρ rule, validation.
+"""`PISA`: the torch.optim.Optimizer. Param groups, lazy per-tensor state, the lr → σ, ρ rule.
 
-The arithmetic lives in `pisa_zero.functional`; distribution across agents in `pisa_zero.consensus`.
+The arithmetic lives in `pisa_zero.functional`; distribution across agents in `pisa_zero.consensus`; the checks
+of every hyper-parameter in `pisa_zero.hyperparameters`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import numbers
 from collections.abc import Iterable
 
 import torch
@@ -18,32 +17,12 @@ from torch.optim.adamw import adamw as torch_adamw
 from . import functional as F
 from ._utils import comm_device, compiled_available, dist_on
 from ._utils import local as _local
+from .hyperparameters import HyperparameterError, validate_group
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
 from .local_steps import LocalRounds
 from .orthogonalizer import default_orthogonalizer
 
 logger = logging.getLogger(__name__)
-
-PRECONDITIONERS = (*F.PRECONDITIONERS, "adamw")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-class HyperparameterError(ValueError):
-    """A hyper-parameter PISA refuses; ``key``, ``value`` and ``expected`` let hosts name it in their own terms
-    (the DeepSpeed integration says ``optimizer.params.<key>``)."""
-
-    def __init__(self, key: str, value, expected: str, where: str = ""):
-        super().__init__(f"PISA: invalid {key}={value!r}{where}: expected {expected}")
-        self.key, self.value, self.expected = key, value, expected
-
-
-def _check_range(name: str, value, ok, expected: str, where: str = "") -> None:
-    """HyperparameterError unless ``value`` is a real number (not a str/bool) with ``ok(value)``."""
-    if not (_is_real(value) and ok(value)):
-        raise HyperparameterError(name, value, expected, where)
 
 
 class PISA(torch.optim.Optimizer):
@@ -188,7 +167,7 @@ class PISA(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group, f" in param group {len(self.param_groups) - 1}")
+        validate_group(group, f" in param group {len(self.param_groups) - 1}")
         if group["lr"] is None:
             group["lr"] = 1.0 / (group["sigma"] + group["rho"])
         group.setdefault("lr_ref", group["lr"])
@@ -196,48 +175,6 @@ class PISA(torch.optim.Optimizer):
             group.setdefault("local_calls", 0)
             group.setdefault("round_tokens", 0.0)
         self._known_params.update(id(p) for p in group["params"])
-
-    @staticmethod
-    def _validate_group(group: dict, where: str = "") -> None:
-        """Check every hyper-parameter of ``group`` (at construction, and at each step(): schedulers and users
-        write groups); ``where`` names the group in the message."""
-        p = group["preconditioner"]
-        if p not in PRECONDITIONERS:
-            raise HyperparameterError("preconditioner", p, f"one of {PRECONDITIONERS}", where)
-        lr = group["lr"]
-        finite_nonneg = lambda x: math.isfinite(x) and x >= 0  # noqa: E731
-        if p == "adamw":
-            _check_range("lr", lr, finite_nonneg, "a finite lr >= 0 for adamw", where)
-            betas = group["betas"]
-            pair = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_real, betas))
-            if not (pair and all(0 <= b < 1 for b in betas)):
-                raise HyperparameterError("betas", betas, "(beta1, beta2), each in [0, 1)", where)
-        else:
-            if lr is not None:
-                _check_range("lr", lr, finite_nonneg, "None or a finite lr >= 0", where)
-            _check_range("sigma", group["sigma"], lambda x: math.isfinite(x) and x > 0, "a finite sigma > 0", where)
-            _check_range("rho", group["rho"], finite_nonneg, "a finite rho >= 0", where)
-            if lr is None and group["sigma"] + group["rho"] <= 0:
-                raise HyperparameterError("lr", None, "an explicit lr (sigma + rho is 0)", where)
-            if lr == 0 and "lr_ref" not in group:
-                raise HyperparameterError("lr", lr, "a reference lr > 0 at construction", where)
-            if "lr_ref" in group:
-                ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731
-                _check_range("lr_ref", group["lr_ref"], ok, "a finite reference lr > 0", where)
-            _check_range("beta2", group["beta2"], lambda x: 0 <= x < 1, "beta2 in [0, 1)", where)
-            _check_range("momentum", group["momentum"], lambda x: 0 <= x < 1, "momentum in [0, 1)", where)
-            if not isinstance(group["nesterov"], bool):
-                raise HyperparameterError("nesterov", group["nesterov"], "True or False", where)
-            _check_range("l2_lambda", group["l2_lambda"], finite_nonneg, "a finite l2_lambda >= 0", where)
-            if group.get("prox_sigma") is not None:
-                ok = lambda x: math.isfinite(x) and x > 0  # noqa: E731
-                _check_range("prox_sigma", group["prox_sigma"], ok, "None or a finite prox_sigma > 0", where)
-            if not isinstance(group.get("centred_dual", False), bool):
-                raise ValueError(f"PISA: invalid centred_dual={group['centred_dual']!r}{where}: expected True or False")
-            ns = group["ns_steps"]
-            _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
-        _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)
-        _check_range("weight_decay", group["weight_decay"], finite_nonneg, "a finite weight_decay >= 0", where)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -319,7 +256,7 @@ class PISA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for i, group in enumerate(self.param_groups):  # a scheduler or a user may have written any of them
-            self._validate_group(group, f" in param group {i} at step()")
+            validate_group(group, f" in param group {i} at step()")
         active = [
             (group, [p for p in group["params"] if p.grad is not None])
             for group in self.param_groups

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...optimizer import PISA, HyperparameterError
+from ...hyperparameters import HyperparameterError
+from ...optimizer import PISA
 from ...param_groups import param_groups as _auto_param_groups
 from .layout import check_deepspeed_version
 

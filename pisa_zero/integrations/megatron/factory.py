@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ...hyperparameters import validate_group
 from ...optimizer import PISA
 from .distributed_optimizer import PISADistributedOptimizer, bound_pisa_class
 from .groups import check_grouping, pisa_param_groups
@@ -244,7 +245,7 @@ def get_pisa_optimizer(
         other_options=other_options,
     )
     for group in groups:  # PISA validates every group (σ, ρ, β₂, ...) now, before any Megatron work
-        PISA._validate_group({**_PISA_DEFAULTS, **pisa_kwargs, **group})
+        validate_group({**_PISA_DEFAULTS, **pisa_kwargs, **group})
     options = dict(pisa_kwargs)
     dense = [g for g in groups if not g["is_expert_parallel"]]
     expert = [g for g in groups if g["is_expert_parallel"]]
