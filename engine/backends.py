@@ -225,14 +225,27 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     `pisa_zero.deepspeed.build_optimizer` (PISA) or DeepSpeed (AdamW, Muon) read it."""
     source = args.deepspeed_config
     with open(source) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid {source}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"invalid {source}: expected a JSON object, got {type(config).__name__}")
     if "batch_size" in explicit or "train_micro_batch_size_per_gpu" not in config:
         config["train_micro_batch_size_per_gpu"] = args.batch_size
     if "grad_accum" in explicit or "gradient_accumulation_steps" not in config:
         config["gradient_accumulation_steps"] = args.grad_accum
-    config.pop("train_batch_size", None)
-    args.batch_size = int(config["train_micro_batch_size_per_gpu"])
-    args.grad_accum = int(config["gradient_accumulation_steps"])
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"invalid {source}: {key}={value!r}: expected an integer >= 1")
+    if config.pop("train_batch_size", None) is not None:
+        say(
+            "[pisa_zero] the config's train_batch_size is dropped: DeepSpeed derives it from "
+            "train_micro_batch_size_per_gpu x gradient_accumulation_steps x data-parallel ranks"
+        )
+    args.batch_size = config["train_micro_batch_size_per_gpu"]
+    args.grad_accum = config["gradient_accumulation_steps"]
     opt = config.setdefault("optimizer", {"type": "PISA", "params": {}})
     kind = str(opt.get("type", "")).lower()
     if kind not in DEEPSPEED_TYPES:

@@ -122,9 +122,9 @@ def load_data(args, rank: int):
     return corpus if corpus is not None else load_corpus(args.data, args.cache_dir, **kw)
 
 
-def build_backend(args, model, device, logdir, say):
+def build_backend(args, model, device, ds_config):
     if args.backend == "deepspeed":
-        return backends.DeepSpeed(model, args, device, backends.deepspeed_config(args, args.explicit, logdir, say))
+        return backends.DeepSpeed(model, args, device, ds_config)
     return (backends.FSDP2 if args.backend == "fsdp2" else backends.Single)(model, args, device)
 
 
@@ -320,6 +320,9 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed(args)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    logdir = None if args.no_tensorboard else os.path.join(args.out_dir, "tensorboard")
+    # the DeepSpeed JSON is read (and checked) first: it decides the optimizer, batch size and accumulation
+    ds_config = backends.deepspeed_config(args, args.explicit, logdir, log) if args.backend == "deepspeed" else None
     corpus = load_data(args, rank)
     run_identity = checkpoints.identity(args, world, corpus.vocab_size)
     resume_from = checkpoints.resolve_resume(args, say=log)
@@ -335,8 +338,7 @@ def main(argv=None) -> int:
         init_from=args.init_from,
     )
     n_params = count_parameters(model)  # before ZeRO-3 partitions it
-    logdir = None if args.no_tensorboard else os.path.join(args.out_dir, "tensorboard")
-    backend = build_backend(args, model, device, logdir, log)
+    backend = build_backend(args, model, device, ds_config)
     backend.train(True)
     tb = TensorBoard(logdir, enabled=rank == 0 and logdir is not None)
     bar = None

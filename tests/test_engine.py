@@ -479,6 +479,12 @@ def test_deepspeed_config_selects_the_optimizer_by_type(tmp_path):
     bad.write_text('{"optimizer": {"type": "Lamb"}}')
     with pytest.raises(ValueError, match="optimizer.type='Lamb'"):
         config(str(bad))
+    bad.write_text('{"gradient_accumulation_steps": "2"}')
+    with pytest.raises(ValueError, match="bad.json: gradient_accumulation_steps='2'"):
+        config(str(bad))
+    bad.write_text('{"optimizer": ')
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        config(str(bad))
     bad.write_text('{"optimizer": {"type": "AdamW", "params": {"lr": -1}}}')
     with pytest.raises(ValueError, match="bad.json.*learning rate"):
         config(str(bad))
@@ -496,6 +502,8 @@ def test_deepspeed_baselines_train_from_their_config(cache_dir, tmp_path, name):
     s = scalars(out / "tensorboard")
     assert s["val/loss"][6] < s["val/loss"][3] and s["train/loss"][6] < s["train/loss"][1]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    run = json.loads((out / "checkpoints" / "step_000006" / "run.json").read_text())
+    assert run["optimizer"] == name.split("_")[0] and run["backend"] == "deepspeed"
 
 
 # ---------------------------------------------------------------------------------------------- reliability (issue 9)
