@@ -33,6 +33,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -566,4 +567,9 @@ if __name__ == "__main__":
     sys.stderr.flush()
     if dist.is_initialized():
         dist.destroy_process_group()
+    # dist_checkpointing starts a multiprocessing Manager per rank (its write-results queue) that only atexit would
+    # stop; os._exit skips atexit, so stop every child here or it outlives the run.
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(5)
     os._exit(code)

@@ -52,6 +52,11 @@ def _worker(fn, rank: int, world_size: int, store_path: str, result_path: str, a
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # os._exit skips atexit, which is what stops a rank's own multiprocessing children (e.g. the Manager that
+        # Megatron's dist_checkpointing starts): stop them here so no process outlives the test.
+        for child in mp.active_children():
+            child.terminate()
+            child.join(5)
     finally:
         os._exit(code)
 

@@ -132,6 +132,23 @@ def _no_shim_body(rank, world):
     return out
 
 
+def _checkpoint_writer_body(rank, world):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._get_write_results_queue()  # what every dist_checkpointing save starts
+    return queue._manager._process.pid
+
+
+def test_megatron_checkpoint_writer_process_does_not_outlive_the_rank():
+    """dist_checkpointing starts a multiprocessing Manager per rank that only atexit stops; ranks end with os._exit
+    (gloo), so without the harness's cleanup each run left one orphaned ~270 MB process per rank."""
+    psutil = pytest.importorskip("psutil")
+    pids = run_distributed(_checkpoint_writer_body, 2, timeout=240)
+    for pid in pids:
+        alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert not alive, f"the checkpoint writer's manager (pid {pid}) outlived its rank"
+
+
 @pytest.fixture(scope="module")
 def no_shim():
     return run_distributed(_no_shim_body, 2, timeout=240)
