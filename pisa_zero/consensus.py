@@ -221,12 +221,7 @@ class AgentTopology:
         m = self.agents
         if sum(p.numel() for p in params) == 0:  # empty shards (e.g. rows < k): the same on every agent
             return
-        buf = _flat_buffer(params, m)
-        offsets, offset = [], 0
-        for p in params:
-            offsets.append(offset)
-            offset += p.numel()
-        views = [buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+        buf, offsets, views = _flat_views(params, m)
         low_precision = _low_precision(params[0])
         kernel_scalars = dataclasses.replace(scalars, alpha=self.alpha)
         if low_precision:  # decay goes to the fp32 master, not to the bf16 copy
@@ -308,3 +303,13 @@ def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:
     n = sum(t.numel() for t in tensors)
     s = -(-n // parts)
     return torch.zeros(s * parts, dtype=F.arithmetic_dtype(tensors[0]), device=tensors[0].device)
+
+
+def _flat_views(tensors: list[Tensor], parts: int) -> tuple[Tensor, list[int], list[Tensor]]:
+    """A :func:`_flat_buffer` for ``tensors``, each tensor's offset in it, and a view of it shaped like each."""
+    buf = _flat_buffer(tensors, parts)
+    offsets, offset = [], 0
+    for t in tensors:
+        offsets.append(offset)
+        offset += t.numel()
+    return buf, offsets, [buf[o : o + t.numel()].view_as(t) for o, t in zip(offsets, tensors)]

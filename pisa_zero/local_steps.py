@@ -57,7 +57,7 @@ from torch import Tensor
 from . import functional as F
 from ._utils import DTensor, comm_device
 from ._utils import local as _local
-from .consensus import _flat_buffer
+from .consensus import _flat_views
 
 logger = logging.getLogger(__name__)
 
@@ -191,20 +191,8 @@ class LocalRounds:
         for state in states:
             state["step"] += 1
         steps = [int(state["step"].item()) for state in states]
-        if preconditioner == "nsisa":
-            directions = opt._nsisa_directions(group, params, states)
-        else:
-            directions = [_local(p.grad) for p in params]
-        sigma, rho = opt.effective_hyperparameters(group)
-        scalars = F.StepScalars(
-            preconditioner=preconditioner,
-            sigma=sigma,
-            rho=rho,
-            beta2=group["beta2"],
-            eps=group["eps"],
-            l2_lambda=group["l2_lambda"],
-            decay=1.0 - group["lr"] * group["weight_decay"],
-        )
+        directions = opt._directions(group, params, states)
+        scalars = opt._step_scalars(group)
         second_moments = [_local(s["second_moment"]) for s in states] if "second_moment" in states[0] else None
         local_step(
             [_local(p) for p in params],
@@ -257,12 +245,7 @@ class LocalRounds:
             anchors = [_local(states[i]["anchor"]) for i in bucket]
             if sum(w.numel() for w in ws) == 0:
                 continue
-            buf = _flat_buffer(ws, m)
-            offsets, offset = [], 0
-            for w in ws:
-                offsets.append(offset)
-                offset += w.numel()
-            views = [buf[o : o + w.numel()].view_as(w) for o, w in zip(offsets, ws)]
+            buf, offsets, views = _flat_views(ws, m)
             for j, (w, a, view) in enumerate(zip(ws, anchors, views)):
                 if pisa and centred:  # c = α σ (w_i − w); π is updated against the new w below
                     view.copy_(w - a.to(w.device)).mul_(sigma * alpha)

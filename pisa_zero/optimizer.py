@@ -297,13 +297,20 @@ class PISA(torch.optim.Optimizer):
         on_device = implementation == "compiled" and local_params[0].device.type != "cpu"
         steps = _step_counters(states, local_params[0].device if on_device else torch.device("cpu"))
         torch._foreach_add_(steps, 1)
-        if preconditioner == "nsisa":
-            directions = self._nsisa_directions(group, params, states)
+        directions = self._directions(group, params, states)
+        scalars = self._step_scalars(group)
+        duals = [_local(s["dual"]) for s in states]
+        second_moments = [_local(s["second_moment"]) for s in states] if "second_moment" in states[0] else None
+        if self.consensus is None:
+            F.pisa_step(local_params, directions, duals, second_moments, steps, scalars, implementation=implementation)
         else:
-            directions = [_local(p.grad) for p in params]
+            self.consensus.step(local_params, directions, duals, second_moments, steps, scalars, implementation)
+
+    def _step_scalars(self, group: dict) -> F.StepScalars:
+        """The group's scalars for the elementwise step, at its current lr."""
         sigma, rho = self.effective_hyperparameters(group)
-        scalars = F.StepScalars(
-            preconditioner=preconditioner,
+        return F.StepScalars(
+            preconditioner=group["preconditioner"],
             sigma=sigma,
             rho=rho,
             beta2=group["beta2"],
@@ -311,12 +318,12 @@ class PISA(torch.optim.Optimizer):
             l2_lambda=group["l2_lambda"],
             decay=1.0 - group["lr"] * group["weight_decay"],
         )
-        duals = [_local(s["dual"]) for s in states]
-        second_moments = [_local(s["second_moment"]) for s in states] if "second_moment" in states[0] else None
-        if self.consensus is None:
-            F.pisa_step(local_params, directions, duals, second_moments, steps, scalars, implementation=implementation)
-        else:
-            self.consensus.step(local_params, directions, duals, second_moments, steps, scalars, implementation)
+
+    def _directions(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
+        """What the elementwise step preconditions: O (nsisa) or the local gradient."""
+        if group["preconditioner"] == "nsisa":
+            return self._nsisa_directions(group, params, states)
+        return [_local(p.grad) for p in params]
 
     def _nsisa_directions(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
         """O = NS5(g + μ b)·scale for whole matrices, u itself for other tensors; momentum b updated in place."""
