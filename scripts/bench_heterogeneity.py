@@ -425,6 +425,10 @@ LABELS = {
 }
 
 
+def label(r: dict) -> str:
+    return "PISA mode B, every step" if r["method"] == "pisa" and r["H"] == 1 else LABELS[(r["method"], r["inner"])]
+
+
 def summarise(task: str, done: dict, settings: dict) -> list[dict]:
     """One row per (method, inner, H): the seed-0 best grid point and its final metric over every seed run."""
     rows = []
@@ -476,7 +480,7 @@ def table(rows: list[dict], task: str) -> list[str]:
             if res is not None
         )
         lines.append(
-            f"| {LABELS[(r['method'], r['inner'])]} | {r['H']} | {r['rounds']} | {r['mbytes']:.1f} | "
+            f"| {label(r)} | {r['H']} | {r['rounds']} | {r['mbytes']:.1f} | "
             f"{hp_text(r['hp'])} | {value:.3f} | {len(r['runs'])} | {r['spread']:.3f} | {grid_text} |"
         )
     return lines
@@ -492,8 +496,7 @@ def target_lines(rows: list[dict]) -> list[str]:
     if not sync:
         return []
     best_sync = min(sync, key=lambda r: r["loss"])
-    sync_name = LABELS[(best_sync["method"], best_sync["inner"])]
-    sync_name = "PISA mode B every step" if best_sync["method"] == "pisa" else sync_name
+    sync_name = label(best_sync)
     lines = []
     for H in (16, 64):
         for method in ("pisa-centred", "pisa-prox", "pisa"):
@@ -506,9 +509,7 @@ def target_lines(rows: list[dict]) -> list[str]:
                 find(rows, "diloco", "adamw", H),
             ]
             rivals = [r for r in rivals if r is not None]
-            parts = [
-                f"{LABELS[(r['method'], r['inner'])]} {r['loss']:.3f} ({mine['loss'] - r['loss']:+.3f})" for r in rivals
-            ]
+            parts = [f"{label(r)} {r['loss']:.3f} ({mine['loss'] - r['loss']:+.3f})" for r in rivals]
             gap = (mine["loss"] / best_sync["loss"] - 1) * 100
             lines.append(
                 f"- H = {H}, {LABELS[(method, None)]}: {mine['loss']:.3f} vs "
@@ -518,20 +519,68 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def tried_lines(task: str, done: dict, settings: dict) -> list[str]:
+    """Item 6: every PISA local-step form and setting run on seed 0 (grid points and explorations), by H."""
+    metric = "accuracy" if task == "digits" else "loss"
+    runs = [
+        r
+        for r in done.values()
+        if r["task"] == task
+        and r["method"].startswith("pisa")
+        and r["H"] > 1
+        and r["seed"] == 0
+        and all(r[k] == v for k, v in settings.items())
+    ]
+    lines = [
+        f"| H | form | setting | final {'test accuracy' if task == 'digits' else 'val loss'} |",
+        "|---:|---|---|---:|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["H"], r["method"], score(r))):
+        extra = {k: r[k] for k in ("dual_damping", "outer_lr", "outer_momentum") if k in r}
+        setting = hp_text({k: r[k] for k in ("sigma", "rho", "prox") if k in r})
+        setting += "".join(f", {k}={v}" for k, v in extra.items())
+        lines.append(f"| {r['H']} | {LABELS[(r['method'], None)]} | {setting} | {r['curve'][-1][metric]:.3f} |")
+    return lines
+
+
+FINDINGS_START, FINDINGS_END = "<!-- findings: written by hand, kept by `report` -->", "<!-- end of findings -->"
+
+
+def kept_findings(output: Path) -> str:
+    """The page's hand-written findings (between the markers), so that regenerating the tables keeps them."""
+    old = output.read_text() if output.exists() else ""
+    if FINDINGS_START in old and FINDINGS_END in old:
+        return old[old.index(FINDINGS_START) : old.index(FINDINGS_END) + len(FINDINGS_END)] + "\n"
+    return f"{FINDINGS_START}\n{FINDINGS_END}\n"
+
+
 def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
     """Write the page (and its PNG) from every cached run that matches ``settings``; returns the page."""
     done = load_results(results)
     sections = {task: summarise(task, done, settings[task]) for task in ("digits", "text")}
-    lines = [
+    header = [
         "# Heterogeneous agents, rare meetings: PISA local steps vs FedAvg, DiLoCo and every-step averaging",
         "",
-        "Commands (one process, one thread, `nice -n 10`; results cached in `.cache/bench_heterogeneity.jsonl`):",
+        "Commands (`scripts/bench_heterogeneity.py`; one thread per run, `nice -n 10`, OMP_NUM_THREADS=1; every run "
+        "is cached in `.cache/bench_heterogeneity.jsonl`, so the commands resume):",
         "",
-        "    python scripts/bench_heterogeneity.py run --task digits --seeds 0 1 2",
-        "    python scripts/bench_heterogeneity.py run --task text --seeds 0 1",
+        "    python scripts/bench_heterogeneity.py run --task digits --seeds 0 1",
+        "    python scripts/bench_heterogeneity.py run --task text --local-steps 1 16 64 --seeds 0 1 --jobs 3",
         "    python scripts/bench_heterogeneity.py report",
         "",
+        "Every method gets the same local steps per agent and the same per-agent batch; a method meeting every H steps "
+        "does T/H rounds (one all-reduce of the parameters per round; MB = 2(m−1)/m · 4 bytes · parameters · "
+        "all-reduces, what a ring all-reduce sends per agent). Every method has the same number of grid points at "
+        "each H, tuned on seed 0; the chosen point is re-run on the further seeds. The agents are simulated one after "
+        "the other in one process: PISA through `pisa_zero.reference.ReferencePISA(local_steps=H)` (the simulation "
+        "the distributed `PISA(..., local_steps=H)` is tested against), FedAvg/DiLoCo/every-step with "
+        "`torch.optim.Muon` (+ AdamW lr 3e-3 on embeddings, norms, biases and the digits head) or `torch.optim.AdamW` "
+        "(betas 0.9/0.95, no weight decay). DiLoCo is written from the paper (torchft is not installed here): outer "
+        "gradient Δ = w − mean_i w_i, Nesterov SGD lr 0.7, momentum 0.9. Schedules: linear warm-up over T/12 steps, "
+        "cosine to 10% (PISA: σ, ρ scale by its inverse).",
+        "",
     ]
+    lines = []
     for task, rows in sections.items():
         if not rows:
             continue
@@ -544,9 +593,11 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
         ]
         lines += table(rows, task) + [""]
         if task == "text":
-            lines += target_lines(rows) + [""]
+            lines += ["Target check (issue 12):", ""] + target_lines(rows) + [""]
+        lines += [f"Every PISA local-step run on {task} (seed 0): the forms and settings tried for item 6.", ""]
+        lines += tried_lines(task, done, st) + [""]
     lines += ["![curves](heterogeneity.png)", ""]
-    text = "\n".join(lines)
+    text = "\n".join(header + [kept_findings(output)] + lines)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
@@ -587,10 +638,7 @@ def plot(sections: dict, path: Path) -> None:
                         style,
                         color=colors[(r["method"], r["inner"])],
                         alpha=0.8,
-                        label=LABELS[(r["method"], r["inner"])]
-                        + (" (every step)" if r["H"] == 1 and r["method"] == "pisa" else "")
-                        if i == 0
-                        else None,
+                        label=label(r) if i == 0 else None,
                     )
             ax.set_title(f"{task}: H = {H} (dashed: every step)")
             ax.set_xlabel(f"local steps per agent (rounds × {H})")
