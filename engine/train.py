@@ -232,6 +232,12 @@ class Trainer:
 
     def evaluate(self, train_loss: float) -> float:
         pisa = self.backend.pisa  # local steps: evaluate the round's consensus w, not this agent's w_i
+        if pisa is not None and pisa.round_position and self.backend.name == "deepspeed":
+            self.say(
+                f"step {self.step}: evaluating mid-round under DeepSpeed: its forward uses each agent's own w_i "
+                "(consensus_weights() swaps only the optimizer's fp32 partitions); use an --eval-interval and "
+                "--max-steps that are multiples of --local-steps for the consensus"
+            )
         with pisa.consensus_weights() if pisa is not None else contextlib.nullcontext():
             self.last_val = evaluate(
                 self.backend, self.windows, self.rank, self.world, self.args.batch_size, self.device
