@@ -1,7 +1,7 @@
 """The three back ends of engine/train.py behind one small interface.
 
-    backend.forward(x) -> logits          backend.backward(loss)       backend.grads_finite() -> bool (global)
-    backend.step()   backend.skip()       backend.save(dir, extra)     backend.load(dir) -> extra
+    backend.forward(x) -> logits          backend.backward(loss)       backend.save(dir, extra)
+    backend.step(flags, veto) -> (stepped on every rank, flags summed over ranks)   backend.load(dir) -> extra
     backend.param_groups (every group; ``lr_ref`` and ``name`` set)     backend.grad_norm()
     backend.pisa  (the PISA optimizer, None for a baseline)  backend.monitor (pisa_zero.monitor.Diagnostics or None)
 
@@ -114,23 +114,32 @@ class Single:
     def params(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def grads_finite(self) -> bool:
-        return pisa_zero.grads_are_finite(self.params())
-
     def weights_finite(self) -> bool:
         return weights_finite(self.params())
 
     def grad_norm(self) -> float:
         return global_norm([p.grad for p in self.params()])
 
-    def step(self):
+    def step(self, flags: torch.Tensor, veto: torch.Tensor) -> tuple[bool, list[float]]:
+        """The step's one finite check and one control all-reduce, which also sums the loop's ``flags``; every rank
+        steps or skips together (``veto``: this rank's loss was not finite). PISA makes both inside its step (FSDP2:
+        on its topology's all-reduce; one process: no collective); a baseline, or PISA with local steps (which
+        skips inside an agent), gets this rank's check folded into the flags' all-reduce here."""
+        pisa = self.pisa
+        if pisa is not None and pisa.local_steps == 1:
+            skipped = pisa.nonfinite_steps_skipped
+            pisa.step(extra=flags, veto=veto)
+            pisa.zero_grad(set_to_none=True)
+            return pisa.nonfinite_steps_skipped == skipped, pisa.extra_totals
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        bad = veto | ~pisa_zero.functional.finite_flag(local) if local else veto
+        summed = all_reduce_sum(torch.cat([flags.double(), bad.double().reshape(1)])).tolist()
         for optimizer in self.optimizers:
-            optimizer.step()
-        self.skip()
-
-    def skip(self):
-        for optimizer in self.optimizers:
+            if summed[-1] == 0:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return summed[-1] == 0, summed[:-1]
 
     def set_local_batch(self, n: int):
         pass
@@ -360,7 +369,19 @@ class DeepSpeed:
         if not last:
             self.engine.step()
 
-    def grads_finite(self) -> bool:
+    def step(self, flags: torch.Tensor, veto: torch.Tensor) -> tuple[bool, list[float]]:
+        """DeepSpeed calls PISA once per ZeRO group inside ``engine.step()``, so the flags and the finite check come
+        first here (DeepSpeed's own global overflow check), then the step, or the skip where there is one."""
+        summed = all_reduce_sum(torch.cat([flags.double(), veto.double().reshape(1)]), device=self.engine.device)
+        summed = summed.tolist()
+        finite = summed[-1] == 0 and self._grads_finite()
+        if finite:
+            self.engine.step()
+        elif self.can_skip:  # else the loop stops: DeepSpeed's own optimizers have no no-op step
+            self._skip()
+        return finite, summed[:-1]
+
+    def _grads_finite(self) -> bool:
         """ZeRO holds the reduced gradients in its own partitions; its overflow check all-reduces over the
         data-parallel group, so every rank gets the same answer. Stage 0 keeps ordinary ``.grad``s."""
         zero = self.engine.optimizer
@@ -382,14 +403,9 @@ class DeepSpeed:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def step(self):
-        self.engine.step()
-
-    def skip(self):
+    def _skip(self):
         """Finish the step with every group's lr at 0: PISA then leaves weights and state untouched, and DeepSpeed's
         own bookkeeping (gradient buffers, micro-step counters) stays consistent on every rank."""
-        if not self.can_skip:
-            raise RuntimeError("DeepSpeed's own optimizers have no no-op step; the engine stops instead")
         saved = [g["lr"] for g in self.pisa.param_groups]
         for g in self.pisa.param_groups:
             g["lr"] = 0.0

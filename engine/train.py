@@ -158,8 +158,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- stages
     def train_step(self) -> StepResult:
-        """One optimizer step on every rank: forward/backward, one all-reduce of (loss, non-finite, stop), then
-        step — or skip on every rank when anything on any rank was non-finite."""
+        """One optimizer step on every rank: forward/backward, then the step with its one finite check and one
+        all-reduce of (loss, non-finite, stop) — or a skip on every rank when anything on any rank was non-finite."""
         args, backend, step = self.args, self.backend, self.step + 1
         started = time.time()
         if args.schedule != "config":
@@ -179,22 +179,21 @@ class Trainer:
         if self.rank == 0 and args.max_minutes is not None and time.time() - self.started > 60 * args.max_minutes:
             self.stop.request("time limit", 0)
         stop = torch.tensor(float(self.stop.reason is not None), dtype=torch.float64, device=self.device)
-        flags = all_reduce_sum(torch.stack([loss_sum / args.grad_accum, bad, stop]), device=self.device).tolist()
-        finite = flags[1] == 0 and backend.grads_finite()
         backend.set_local_batch(args.batch_size * args.grad_accum * args.block_size)
-        return self._step_or_skip(StepResult(flags[0] / self.world, finite, flags[2] > 0, 0.0), started)
+        diag = step % args.diag_interval == 0 or step == 1
+        self.grad_norm = backend.grad_norm() if diag and backend.name != "deepspeed" else None
+        if diag and backend.monitor is not None:
+            backend.monitor.snapshot()
+        # the step's one finite check and one control all-reduce (loss, stop): every rank steps or skips together
+        finite, flags = backend.step(torch.stack([loss_sum / args.grad_accum, stop]), veto=bad > 0)
+        return self._count(StepResult(flags[0] / self.world, finite, flags[1] > 0, 0.0), started)
 
-    def _step_or_skip(self, result: StepResult, started: float) -> StepResult:
-        """The one place where a step is taken or skipped (every rank decides the same from the same flags)."""
-        backend, diag = self.backend, (self.step + 1) % self.args.diag_interval == 0 or self.step == 0
-        self.grad_norm = backend.grad_norm() if result.finite and diag and backend.name != "deepspeed" else None
+    def _count(self, result: StepResult, started: float) -> StepResult:
+        """Step counters after the step (taken or skipped on every rank alike)."""
+        backend = self.backend
         if result.finite:
-            if diag and backend.monitor is not None:
-                backend.monitor.snapshot()
-            backend.step()
             self.consecutive_bad = 0
         elif backend.can_skip:
-            backend.skip()
             self.consecutive_bad += 1
             self.nonfinite_total += 1
             result.loss = float("nan")

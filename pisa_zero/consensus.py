@@ -129,20 +129,16 @@ class AgentTopology:
             raise ValueError(f"set_local_batch_size: invalid n={n!r}: expected a finite number > 0")
         self._local_count = float(n)
 
-    def begin_step(self, grads: list[Tensor], check_finite: bool, extra=(), veto: bool = False) -> bool:
+    def begin_step(self, grads: list[Tensor], check_finite: bool, extra=(), veto=False) -> bool:
         """The control all-reduce: agree on skipping (non-finite gradients or a ``veto`` anywhere) and compute α.
-        True = go. ``extra`` floats ride on the same all-reduce; their sums are left in ``extra_totals``."""
+        True = go. ``extra`` (floats or a 1-D tensor) rides on the same all-reduce; the sums land in
+        ``extra_totals``."""
         count = 1.0 if self._local_count is None else self._local_count
-        if self.agents * self.shard_size == 1:
-            finite = not veto and (not check_finite or F.all_finite(grads))
-            totals = [count if finite else math.inf, *map(float, extra)]
-        else:  # the flag stays on the device until the reduced vector is read: one host sync
-            device = comm_device(grads[0].device if grads else torch.device("cpu"), self.control_group)
-            vec = torch.tensor([math.inf if veto else count, *extra], dtype=torch.float32).to(device)
-            if check_finite and grads:
-                vec[0] = torch.where(F.finite_flag(grads).to(device), vec[0], math.inf)
-            dist.all_reduce(vec, group=self.control_group)
-            totals = vec.tolist()
+        distributed = self.agents * self.shard_size > 1
+        device = grads[0].device if grads else torch.device("cpu")
+        if distributed:
+            device = comm_device(device, self.control_group)
+        totals = control_all_reduce(grads, check_finite, count, extra, veto, device, self.control_group, distributed)
         total, self.extra_totals = totals[0], totals[1:]
         if not math.isfinite(total):
             return False
@@ -296,6 +292,21 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
 def _low_precision(t: Tensor) -> bool:
     """Narrower than the arithmetic (bf16/fp16): such groups keep an fp32 master slice on its owner."""
     return t.dtype != F.arithmetic_dtype(t)
+
+
+def control_all_reduce(grads, check_finite: bool, value: float, extra, veto, device, group, reduce: bool) -> list:
+    """[value, or +inf when this rank's gradients are not finite or it vetoes; *extra] summed over ``group`` (when
+    ``reduce``) and read back in one host sync. fp32 (4 bytes) unless ``extra`` is given, then fp64."""
+    extra = torch.as_tensor(extra, device=device).reshape(-1)
+    dtype = torch.float64 if extra.numel() else torch.float32
+    bad = torch.as_tensor(veto, device=device).reshape(1).bool()
+    if check_finite and grads:
+        bad = bad | ~F.finite_flag(grads).to(device).reshape(1)
+    head = torch.where(bad, math.inf, torch.full((1,), value, dtype=dtype, device=device))
+    vec = torch.cat([head, extra.to(dtype)])
+    if reduce:
+        dist.all_reduce(vec, group=group)
+    return vec.tolist()
 
 
 def _flat_buffer(tensors: list[Tensor], parts: int) -> Tensor:

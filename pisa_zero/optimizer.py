@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
@@ -17,6 +18,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from . import functional as F
 from ._utils import comm_device, compiled_available, dist_on
 from ._utils import local as _local
+from .consensus import control_all_reduce
 from .hyperparameters import HyperparameterError, validate_group
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
 from .local_steps import LocalRounds
@@ -247,10 +249,11 @@ class PISA(torch.optim.Optimizer):
         return group["sigma"] * scale, group["rho"] * scale
 
     @torch.no_grad()
-    def step(self, closure=None, *, extra: list[float] | None = None, veto: bool = False):
-        """One step. Training loops may hand this rank's ``extra`` floats (a loss, a stop request) to the step's
-        control all-reduce and read their sums over the topology's ranks from ``extra_totals`` afterwards (without
-        a topology they come back unchanged); ``veto=True`` (e.g. a non-finite loss) skips the step on every rank."""
+    def step(self, closure=None, *, extra=None, veto=False):
+        """One step. A training loop may hand this rank's ``extra`` floats or 1-D tensor (a loss, a stop request)
+        to the step's control all-reduce and read their sums over the topology's ranks from ``extra_totals``
+        afterwards (without a topology they come back as given); ``veto`` (a bool or a 0-d tensor, e.g. a non-finite
+        loss) skips the step on every rank. Not with ``local_steps > 1``, whose skip is decided inside the agent."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -263,20 +266,25 @@ class PISA(torch.optim.Optimizer):
             if group["lr"] != 0
         ]
         active = [(group, params) for group, params in active if params]
-        if not active and extra is None and not veto:
+        if not active and extra is None and veto is False:
             return loss
         if self._rounds is not None:  # H local steps per round (pisa_zero.local_steps)
+            if extra is not None or veto is not False:
+                raise ValueError("PISA: step(extra=, veto=) needs local_steps=1 (the round decides inside the agent)")
             self._rounds.step(active)
             return loss
         # The step's one finite check (one read of the gradients, one host sync) and, with a topology, its one
         # control all-reduce, which also agrees α: every rank skips or none does.
         grads = [_local(p.grad) for _, params in active for p in params]
         if self.consensus is not None:
-            go = self.consensus.begin_step(grads, self.skip_nonfinite, extra or (), veto)
+            go = self.consensus.begin_step(grads, self.skip_nonfinite, () if extra is None else extra, veto)
             self.extra_totals = self.consensus.extra_totals
-        else:
-            go = not veto and (not self.skip_nonfinite or F.all_finite(grads))
-            self.extra_totals = [float(x) for x in extra or ()]
+        elif extra is None and veto is False:
+            go = not self.skip_nonfinite or F.all_finite(grads)
+        else:  # the same vector as the topology's, read back without a collective
+            device = grads[0].device if grads else torch.device("cpu")
+            totals = control_all_reduce(grads, self.skip_nonfinite, 1.0, extra, veto, device, None, False)
+            go, self.extra_totals = math.isfinite(totals[0]), totals[1:]
         if not go:
             self.nonfinite_steps_skipped += 1
             logger.warning("PISA: non-finite loss or gradient; step skipped (%d so far)", self.nonfinite_steps_skipped)

@@ -199,3 +199,76 @@ def test_extra_and_veto_without_a_topology():
     assert opt.extra_totals == [2.5, 1.0] and int(opt.state[params[0]]["step"]) == 1
     opt.step(veto=True)
     assert opt.nonfinite_steps_skipped == 1 and int(opt.state[params[0]]["step"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ engine/train.py
+ENGINE_ARGS = ["--block-size", "32", "--batch-size", "4", "--eval-windows", "8", "--no-progress", "--warmup-steps", "1"]
+ENGINE_ARGS += ["--max-steps", "4", "--eval-interval", "0", "--ckpt-interval", "0"]
+ENGINE_ARGS += ["--diag-interval", "1000", "--no-tensorboard"]
+
+
+def _per_step_counts(monkeypatch, counted_module, name):
+    """Calls of ``counted_module.name`` during each training step (steps start at the first micro-batch)."""
+    from engine import data
+
+    steps, original_get = [], data.Batches.get
+    original = getattr(counted_module, name)
+
+    def get(self, step, micro=0):
+        if micro == 0:
+            steps.append(0)
+        return original_get(self, step, micro)
+
+    def counted(*args, **kwargs):
+        if steps:
+            steps[-1] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data.Batches, "get", get)
+    monkeypatch.setattr(counted_module, name, counted)
+    return steps
+
+
+def _engine_fsdp2(rank, world, cache_dir, out_dir):
+    import torch.distributed as dist
+
+    from engine.train import main
+
+    class Patch:  # a minimal monkeypatch: the process ends after this function
+        def setattr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    dist.init_process_group = lambda *args, **kwargs: None  # run_distributed has made the gloo group
+    steps = _per_step_counts(Patch(), dist, "all_reduce")
+    argv = [*ENGINE_ARGS, "--backend", "fsdp2", "--implementation", "foreach", "--cache-dir", cache_dir]
+    argv += ["--out-dir", out_dir]
+    assert main(argv) == 0
+    return steps
+
+
+@pytest.fixture(scope="module")
+def corpus_cache(tmp_path_factory):
+    from engine import data
+
+    path = str(tmp_path_factory.mktemp("corpus_cache"))
+    data.load_corpus(None, path)
+    return path
+
+
+@pytest.mark.parametrize("optimizer", ["pisa", "adamw"])
+def test_engine_single_checks_the_gradients_once_per_step(monkeypatch, corpus_cache, tmp_path, optimizer):
+    from engine.train import main
+
+    torch.set_num_threads(1)
+    steps = _per_step_counts(monkeypatch, F, "finite_flag")
+    argv = [*ENGINE_ARGS, "--backend", "single", "--optimizer", optimizer]
+    argv += ["--implementation", "foreach"] if optimizer == "pisa" else []
+    argv += ["--cache-dir", corpus_cache, "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert steps[:3] == [1, 1, 1]  # step 4 adds the final checkpoint's check of the weights
+
+
+def test_engine_fsdp2_makes_one_control_all_reduce_per_step(corpus_cache, tmp_path):
+    for steps in run_distributed(_engine_fsdp2, 2, corpus_cache, str(tmp_path), timeout=240):
+        # step 1 adds the diagnostics' all-reduces, step 4 the final evaluation; steps 2 and 3 are plain steps
+        assert steps[1:3] == [1, 1], steps
