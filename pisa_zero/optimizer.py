@@ -283,7 +283,9 @@ class PISA(torch.optim.Optimizer):
             go = not self.skip_nonfinite or F.all_finite(grads)
         else:  # the same vector as the topology's, read back without a collective
             device = grads[0].device if grads else torch.device("cpu")
-            totals = control_all_reduce(grads, self.skip_nonfinite, 1.0, extra, veto, device, None, False)
+            totals = control_all_reduce(
+                grads, self.skip_nonfinite, 1.0, () if extra is None else extra, veto, device, None, False
+            )
             go, self.extra_totals = math.isfinite(totals[0]), totals[1:]
         if not go:
             self.nonfinite_steps_skipped += 1
