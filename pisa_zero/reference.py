@@ -19,7 +19,7 @@ anchor, fixed during the round):
 
 At H = 1 the proximal term is zero and this is the §2 step: w_i = w − d_i, π_i − σ d_i.
 
-Rules the update leaves open (ALGORITHM.md §6 and notes/local_api.md):
+Rules the update leaves open (ALGORITHM.md §6), agreed with `PISA(..., local_steps=H)`:
 - A step at lr uses σ, ρ scaled by lr_ref/lr; the round's dual ascent and consensus use σ of its last step.
   lr = 0 is a no-op (no state, counter or round position changes).
 - Decoupled weight decay shrinks w_i and the anchor w by (1 − lr·wd) before every local step (adamw tensors: by
