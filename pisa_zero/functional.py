@@ -20,7 +20,7 @@ over agents and applies the last line with Σα·c in place of c.
 Three back ends compute exactly these operations in the same order: ``single`` (a loop of per-tensor ops),
 ``foreach`` (torch._foreach_* over the list) and ``compiled`` (torch.compile'd fused kernels: one graph per tensor on
 CPU, one graph over the whole list on GPUs). The step counters t are 0-d tensors; ``compiled`` reads them on the
-device (1 − β₂ᵗ in fp64 inside the kernel), so a GPU step has no per-tensor host work and no host sync.
+device (1 − β₂ᵗ of the whole list in one fp64 op), so a GPU step has no per-tensor host work and no host sync.
 State tensors may be bf16 (``state_dtype``); the arithmetic is fp32 and the state is rounded on store, except for
 float64 parameters, whose arithmetic (and default state) is float64, as in torch.optim (`arithmetic_dtype`).
 """
@@ -231,7 +231,7 @@ def _step_foreach(
 
 
 def _fused_kernel(
-    w, g, dual, second_moment, step, scalars, beta2_f64, preconditioner: str, write_contribution: bool, contribution
+    w, g, dual, second_moment, bias_correction2, scalars, preconditioner: str, write_contribution: bool, contribution
 ):
     sigma, rho = scalars[_SIGMA], scalars[_RHO]
     w_f = w * scalars[_DECAY]
@@ -244,8 +244,7 @@ def _fused_kernel(
         if preconditioner == "sisa":
             v = second_moment.to(dtype) * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
             second_moment.copy_(v)
-            bias_correction2 = (1.0 - beta2_f64[0] ** step.double()).to(dtype)  # fp64 like the host's 1 − β₂ᵗ
-            q = torch.sqrt(v / bias_correction2) + scalars[_EPS]
+            q = torch.sqrt(v / bias_correction2[0]) + scalars[_EPS]
         elif preconditioner == "adagrad":
             v = second_moment.to(dtype) + h * h
             second_moment.copy_(v)
@@ -263,12 +262,13 @@ def _fused_kernel(
         w.copy_(w_f + (c - w_f * scalars[_LAMBDA]) / scalars[_SIGMA_PLUS_LAMBDA])
 
 
-def _fused_list(ws, gs, duals, second_moments, steps, scalars, beta2_f64, preconditioner: str, write: bool, outs):
+def _fused_list(ws, gs, duals, second_moments, bias_corrections2, scalars, preconditioner: str, write: bool, outs):
     """The fused kernel over a whole list of tensors in one graph (GPU: one compiled call launches them all)."""
     for i in range(len(ws)):
         v = second_moments[i] if second_moments is not None else None
         out = outs[i] if outs is not None else None
-        _fused_kernel(ws[i], gs[i], duals[i], v, steps[i], scalars, beta2_f64, preconditioner, write, out)
+        bc2 = bias_corrections2[i : i + 1]
+        _fused_kernel(ws[i], gs[i], duals[i], v, bc2, scalars, preconditioner, write, out)
 
 
 def _one_graph_per_list(device: torch.device) -> bool:
@@ -303,15 +303,16 @@ def _step_compiled(
     shared += [s.sigma + s.l2_lambda, s.decay, s.alpha, s.sigma + s.rho]
     # One host-to-device copy per call for all the scalars (per-tensor copies dominate a GPU step otherwise).
     scalars = torch.tensor(shared, dtype=arithmetic_dtype(ws[0])).to(device, non_blocking=True)
-    # β₂ as a 1-element fp64 vector: a 0-d CPU tensor would be guarded by value (a host read per call)
-    beta2_f64 = torch.tensor([s.beta2], dtype=torch.float64).to(device, non_blocking=True)
+    # 1 − β₂ᵗ of every tensor in one fp64 op on the device (as the host computes it; inside the kernel it would be
+    # recomputed for every element)
+    bias_corrections2 = (1.0 - s.beta2 ** torch.stack(steps).to(device, torch.float64)).to(scalars.dtype)
     write = contributions is not None
     # One graph per (preconditioner, mode, dtypes, device, list length): more than dynamo's default limit of 8.
     with torch._dynamo.config.patch(recompile_limit=64):
         if _one_graph_per_list(device):
             flat = lambda ts: [t.reshape(-1) for t in ts] if ts is not None else None  # noqa: E731
             _compiled_list()(
-                flat(ws), flat(gs), flat(duals), flat(second_moments), steps, scalars, beta2_f64, s.preconditioner,
+                flat(ws), flat(gs), flat(duals), flat(second_moments), bias_corrections2, scalars, s.preconditioner,
                 write, flat(contributions),
             )  # fmt: skip
             return
@@ -320,8 +321,8 @@ def _step_compiled(
             v = second_moments[i].view(-1) if second_moments is not None else None
             out = contributions[i].view(-1) if write else None
             kernel(
-                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, steps[i], scalars, beta2_f64, s.preconditioner,
-                write, out,
+                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, bias_corrections2[i : i + 1], scalars,
+                s.preconditioner, write, out,
             )  # fmt: skip
 
 
