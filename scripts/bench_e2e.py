@@ -6,9 +6,10 @@
 Same model (GPT-2 from a config), same data (the engine's corpus and per-rank batches), same loop as
 engine/train.py (forward, cross-entropy in fp32, backward, the finite check, step) in every case:
 
-- ``deepspeed``: ZeRO-3 (configs/pisa_zero3.json's zero section, fp32, no clipping), optimizer from the JSON —
-  ``PISA`` sisa everywhere / ``PISA`` nsisa + auxiliary AdamW (configs/pisa_zero3.json) / DeepSpeed's ``AdamW`` /
-  DeepSpeed's ``Muon`` (with its auxiliary Adam) on exactly the matrices ``pisa_zero.param_groups`` gives NSISA;
+- ``deepspeed``: ZeRO-3 (the configs' zero section, fp32, no clipping), optimizer from the JSON — ``PISA`` sisa
+  everywhere / ``PISA`` nsisa + auxiliary AdamW (configs/pisa_zero3.json) / DeepSpeed's ``AdamW``
+  (configs/adamw_zero3.json) / DeepSpeed's ``Muon`` with its auxiliary Adam (configs/muon_zero3.json), pointed at
+  exactly the matrices ``pisa_zero.param_groups`` gives NSISA;
 - ``fsdp2-A``: FSDP2 over both ranks (``pisa_zero.integrations.fsdp.prepare`` for PISA; ``fully_shard`` of every
   block and the root + ``torch.optim.AdamW(fused=True)`` / ``torch.optim.Muon`` + fused AdamW for the baselines);
 - ``fsdp2-B``: PISA mode B with 2 agents × 1 shard; the baselines on the same (2 replicate × 1 shard) HSDP mesh.
@@ -106,27 +107,19 @@ def deepspeed_config(spec: dict) -> dict:
         "zero_allow_untested_optimizer": True,
     }
     opt = spec["optimizer"]
+    if opt in ("adamw", "muon"):  # the application's baseline configs: their optimizer (and Muon's zero setting)
+        with open(ROOT / "configs" / f"{opt}_zero3.json") as f:
+            baseline = json.load(f)
+        config["optimizer"] = baseline["optimizer"]
+        # DeepSpeed's ZeRO-3 refuses Muon with reduce_scatter (configs/muon_zero3.json turns it off)
+        config["zero_optimization"] = {**config["zero_optimization"], **baseline["zero_optimization"]}
+        return config
     if opt == "nsisa":
         config["optimizer"] = shipped["optimizer"]
-    elif opt == "sisa":
-        config["optimizer"] = {"type": "PISA", "params": {"preconditioner": "sisa", **PISA_HP}}
-    if opt in ("sisa", "nsisa") and spec["implementation"] != "auto":
-        config["optimizer"]["params"]["implementation"] = spec["implementation"]
-    elif opt == "adamw":
-        config["optimizer"] = {"type": "AdamW", "params": {**ADAMW_HP, "betas": list(ADAMW_HP["betas"])}}
     else:
-        # DeepSpeed's ZeRO-3 refuses Muon with reduce_scatter (it needs whole gradients for Newton–Schulz)
-        config["zero_optimization"] = {**config["zero_optimization"], "reduce_scatter": False}
-        config["optimizer"] = {
-            "type": "Muon",
-            "params": {
-                "muon_lr": MUON_HP["lr"],
-                "momentum": MUON_HP["momentum"],
-                "adam_lr": ADAMW_HP["lr"],
-                "betas": list(ADAMW_HP["betas"]),
-                "weight_decay": 0.0,
-            },
-        }
+        config["optimizer"] = {"type": "PISA", "params": {"preconditioner": "sisa", **PISA_HP}}
+    if spec["implementation"] != "auto":
+        config["optimizer"]["params"]["implementation"] = spec["implementation"]
     return config
 
 
@@ -419,8 +412,10 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
         "each is rebuilt alone and runs one step, from the torch profiler's memory events. "
         f"PISA: σ = 30, ρ = 100, kernels: {args.implementation} (auto: the "
         "library's default, compiled where a compiler works); "
-        f"AdamW lr {ADAMW_HP['lr']:g} (fused on FSDP2, DeepSpeed's own `AdamW` under ZeRO-3), Muon lr "
-        f"{MUON_HP['lr']:g} on NSISA's matrices + AdamW on the rest.",
+        f"FSDP2: fused AdamW lr {ADAMW_HP['lr']:g}, `torch.optim.Muon` lr {MUON_HP['lr']:g} on NSISA's matrices + "
+        "fused AdamW on the rest; ZeRO-3: the optimizer sections of configs/adamw_zero3.json (DeepSpeed's `AdamW`) "
+        "and configs/muon_zero3.json (DeepSpeed's `Muon`, retagged to NSISA's matrices; `reduce_scatter` off, "
+        "which DeepSpeed requires for Muon).",
         "",
         "**Machine:** 2 CPU cores shared with other engineers' test suites and benchmarks while this ran "
         f"(1-minute load average {min(load, default=nan):.1f} – {max(load, default=nan):.1f} at the launches' ends, "
