@@ -467,6 +467,14 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
                 f"{num(n['rss_mib'], '.3f')}×; Muon + AdamW tokens/s {num(u['tokens_per_s'], '.3f')}×, allocator "
                 f"peak {num(u['allocator_mib'], '.3f')}×, peak RSS {num(u['rss_mib'], '.3f')}×."
             )
+    lines += [
+        "",
+        "Reading the memory columns: the allocator peak is the forward/backward's (activations), reached before the "
+        "optimizer state exists on this model size, so it can be the same for every optimizer; the RSS rise of the "
+        f"first optimizer built in a launch ({LABELS[args.optimizers[0]]}) also holds the launch's one-time costs "
+        "(the compiler and its caches for PISA's default compiled kernels) — the second PISA case, built with the "
+        "compiler already loaded, shows what the optimizer itself adds.",
+    ]
     lines += ["", "## Targets", "", *verdicts, ""]
     if failures:
         lines += ["## Failed launches", "", *[f"- {f}" for f in failures], ""]

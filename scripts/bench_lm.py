@@ -375,25 +375,32 @@ def report(args, grids, best, seeds, n_params: int, corpus_note: str, missing: i
     return "\n".join(lines)
 
 
-def in_progress(partial: list[dict], finished: list[dict]) -> str:
-    """The unfinished runs' last evaluation, next to every finished run's loss at the same step (same schedule up
-    to there only if the runs have the same length, which they do: one --steps for all)."""
+def in_progress(partial: list[dict], finished: list[dict], every: int = 50) -> str:
+    """Every run so far, finished or not, side by side at equal steps: the same schedule up to any step for all (one
+    --steps for every run), so an unfinished run's curve compares with the others' at the steps it has reached."""
     if not partial:
         return ""
+    runs = sorted(
+        [(r, False) for r in finished] + [(r, True) for r in partial],
+        key=lambda item: (OPTIMIZERS.index(item[0]["optimizer"]), item[0]["seed"], item[0][KNOB[item[0]["optimizer"]]]),
+    )
+    last = max(r["curve"][-1][0] for r, _ in runs)
+    steps = sorted({s for r, _ in runs for s, _ in r["curve"] if s % every == 0 and s <= last} | {last})
+    head = [f"{describe(r)}{' (running)' if running else ''}" for r, running in runs]
     lines = [
-        "## Runs still in progress (validation loss at the last step each reached)",
+        "## Every run so far at equal steps (validation loss; unfinished runs up to the step they reached)",
         "",
-        "| run | step | val loss | finished runs at that step |",
-        "|---|---:|---:|---|",
+        "| step | " + " | ".join(head) + " |",
+        "|---:|" + "---:|" * len(runs),
     ]
-    for r in sorted(partial, key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r[KNOB[r["optimizer"]]])):
-        step, loss = r["curve"][-1]
-        others = ", ".join(f"{describe(f)}: {dict(f['curve'])[step]:.4f}" for f in finished if step in dict(f["curve"]))
-        lines.append(f"| {describe(r)} | {step} | {loss:.4f} | {others or '–'} |")
+    for step in steps:
+        cells = [f"{dict(r['curve'])[step]:.4f}" if step in dict(r["curve"]) else "" for r, _ in runs]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(args, seeds: dict, best: dict) -> None:
+def plot(args, seeds: dict, best: dict, partial: list[dict]) -> None:
+    """The seeds at each best setting (solid); while some runs are unfinished, their curves so far (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,19 +409,20 @@ def plot(args, seeds: dict, best: dict) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = {"adamw": "tab:blue", "muon": "tab:green", "pisa": "tab:red"}
     lows = []
-    for o in seeds:
-        for i, r in enumerate(seeds[o]):
-            steps, losses = zip(*r["curve"])
-            lows.append(min(losses))
-            label = f"{LABELS[o]} ({'σ' if o == 'pisa' else 'lr'}={best[o]:g})" if i == 0 else None
-            ax.plot(steps, losses, color=colors[o], alpha=0.75, lw=1.2, label=label)
+    curves = [(r, "-", i == 0) for o in seeds for i, r in enumerate(seeds[o])] + [(r, "--", True) for r in partial]
+    for r, style, labelled in curves:
+        o = r["optimizer"]
+        steps, losses = zip(*r["curve"])
+        lows.append(min(losses))
+        label = f"{LABELS[o]} {'σ' if o == 'pisa' else 'lr'}={r[KNOB[o]]:g}{' (running)' if style == '--' else ''}"
+        ax.plot(steps, losses, style, color=colors[o], alpha=0.75, lw=1.2, label=label if labelled else None)
     if lows:
         ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"GPT-2 {args.layers}×{args.width}, validation loss at each optimizer's best setting")
+    ax.set_title(f"GPT-2 {args.layers}×{args.width}: validation loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
     plt.close(fig)
@@ -487,7 +495,7 @@ def main(argv=None) -> int:
     text += in_progress(partial, finished)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
-    plot(args, seeds, best)
+    plot(args, seeds, best, partial)
     print(text)
     print(f"wrote {args.output} and {args.plot}")
     return 0

@@ -60,6 +60,29 @@ def test_bench_lm_rejects_steps_not_above_warmup(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_e2e_tiny_fsdp2_writes_the_page(tmp_path):
+    page = tmp_path / "e2e.md"
+    tiny = ["--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "2", "--block-size", "16"]
+    tiny += ["--rounds", "2", "--warmup", "1", "--steps", "1", "--implementation", "foreach"]
+    run_script(
+        "bench_e2e.py",
+        *tiny,
+        "--backends",
+        "fsdp2-A",
+        "--optimizers",
+        "sisa",
+        "adamw",
+        "--results",
+        str(tmp_path / "r.jsonl"),
+        "--output",
+        str(page),
+    )
+    text = page.read_text()
+    assert "| FSDP2 mode A (2 shards) | PISA sisa |" in text and "| FSDP2 mode A (2 shards) | AdamW |" in text
+    assert "sisa tokens/s" in text and "not built" not in text
+
+
+@pytest.mark.slow
 def test_bench_scale_tiny_pisa_writes_the_page(tmp_path):
     page = tmp_path / "scale.md"
     run_script(
