@@ -459,6 +459,12 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
                 f"{num(m, '.3f')}× and allocator peak {num(a, '.3f')}× (target ≤ 1.05: "
                 f"{'met' if max(m, a) <= 1.05 else 'missed' if m == m and a == a else 'not measured'})."
             )
+            ranges = [summary.get((backend, o), {}).get("tokens_per_s_range") for o in ("sisa", "adamw")]
+            if all(ranges) and ranges[0][0] <= ranges[1][1] and ranges[1][0] <= ranges[0][1]:
+                verdicts[-1] += (
+                    " The per-round tokens/s ranges of sisa and AdamW overlap: at this machine load the throughput "
+                    "ratio is not resolved (rerun on a quiet machine, or with more --rounds)."
+                )
         if "nsisa" in vs and "muon" in vs:
             n, u = vs["nsisa"], vs["muon"]
             verdicts.append(

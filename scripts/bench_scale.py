@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="PISA kernels (auto: the library's default)",
     )
-    p.add_argument("--bytes-per-param", type=float, default=40.0, help="total-RSS guess before any size was measured")
+    p.add_argument("--bytes-per-param", type=float, default=80.0, help="total-RSS guess before any size was measured")
     p.add_argument("--margin-gib", type=float, default=4.0, help="MemAvailable must exceed the prediction by this")
     p.add_argument("--timeout", type=float, default=5400.0, help="seconds one launch may take")
     p.add_argument("--results", type=Path, default=Path(".cache/bench_scale.jsonl"), help="result cache")
