@@ -213,8 +213,7 @@ def get_pisa_optimizer(
         **pisa_kwargs: PISA options (:data:`PISA_KEYS`: sigma, rho, beta2, eps, l2_lambda, implementation, ...).
     """
     from megatron.core.optimizer import ChainedOptimizer
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.utils import get_pg_rank, get_pg_size
+    from megatron.core.utils import get_pg_rank
 
     check_megatron()
     _validate(config, pisa_kwargs)
@@ -223,19 +222,7 @@ def get_pisa_optimizer(
         raise ValueError("get_pisa_optimizer: overlap_param_gather_with_optimizer_step is not supported")
     if model_chunks[0].ddp_config.use_megatron_fsdp:
         raise ValueError("get_pisa_optimizer: Megatron-FSDP is not supported; use Megatron DDP")
-    pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(
-        pg_collection, model_chunks, use_gloo_process_groups
-    )
-    if get_pg_size(pgs["dp_cp_group"]) > get_pg_size(pgs["intra_dp_cp_group"]):
-        instance_id = get_pg_rank(pgs["inter_dist_opt_group"])
-    else:
-        instance_id = 0
-    if pg_collection is not None and hasattr(pg_collection, "tp"):
-        tp_group = pg_collection.tp
-    else:
-        from megatron.core import parallel_state
-
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+    pgs, instance_id, tp_group = _process_groups(model_chunks, use_gloo_process_groups, pg_collection)
     groups = pisa_param_groups(
         model_chunks,
         config,
@@ -284,6 +271,28 @@ def get_pisa_optimizer(
             )
         )
     return ChainedOptimizer(optimizers)
+
+
+def _process_groups(model_chunks: list, use_gloo_process_groups: bool, pg_collection):
+    """The optimizer's process groups, its distributed-optimizer instance id and the TP group, as Megatron's own
+    ``get_megatron_optimizer`` sets them up."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
+    pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(
+        pg_collection, model_chunks, use_gloo_process_groups
+    )
+    if get_pg_size(pgs["dp_cp_group"]) > get_pg_size(pgs["intra_dp_cp_group"]):
+        instance_id = get_pg_rank(pgs["inter_dist_opt_group"])
+    else:
+        instance_id = 0
+    if pg_collection is not None and hasattr(pg_collection, "tp"):
+        tp_group = pg_collection.tp
+    else:
+        from megatron.core import parallel_state
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    return pgs, instance_id, tp_group
 
 
 _PISA_DEFAULTS = {
