@@ -23,6 +23,27 @@ _SHAPES = {
 }
 
 
+def gpt2_config(vocab_size: int, block_size: int, *, width: int, layers: int, heads: int, dropout: float = 0.0):
+    """The project's GPT-2 config at any shape (tied embeddings, no KV cache, no special tokens): the engine's sizes
+    and the benchmarks' custom widths are the same model family."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=block_size,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        tie_word_embeddings=True,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
 def model_config(family: str, size: str, vocab_size: int, block_size: int, dropout: float = 0.0):
     """A transformers config for ``family`` ("gpt2" | "llama") at ``size`` ("tiny" | "124M" | "350M" | "1B")."""
     if family not in FAMILIES:
@@ -33,24 +54,9 @@ def model_config(family: str, size: str, vocab_size: int, block_size: int, dropo
         raise ValueError(f"invalid vocab_size={vocab_size} / block_size={block_size}: expected >= 2 / >= 1")
     layers, width, heads, kv_heads, mlp = _SHAPES[size]
     if family == "gpt2":
-        from transformers import GPT2Config
-
         if size == "1B":
             layers, heads = 20, 16
-        return GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=block_size,
-            n_embd=width,
-            n_layer=layers,
-            n_head=heads,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            tie_word_embeddings=True,
-            use_cache=False,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
+        return gpt2_config(vocab_size, block_size, width=width, layers=layers, heads=heads, dropout=dropout)
     from transformers import LlamaConfig
 
     return LlamaConfig(

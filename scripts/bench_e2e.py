@@ -67,24 +67,13 @@ def lm_loss(logits, y):
 
 def model_for(spec: dict):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
+
+    from engine.models import gpt2_config
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=256,
-            n_positions=spec["block_size"],
-            n_embd=spec["width"],
-            n_layer=spec["layers"],
-            n_head=spec["heads"],
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=True,
-            use_cache=False,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
+        gpt2_config(256, spec["block_size"], width=spec["width"], layers=spec["layers"], heads=spec["heads"])
     )
 
 

@@ -51,24 +51,14 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
 def build(spec: dict):
     """(model, optimizers, reference lr of every group) for one run."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     import pisa_zero
+    from engine.models import gpt2_config
 
     torch.manual_seed(spec["seed"])
-    config = GPT2Config(
-        vocab_size=spec["vocab_size"],
-        n_positions=spec["block_size"],
-        n_embd=spec["width"],
-        n_layer=spec["layers"],
-        n_head=spec["heads"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        use_cache=False,
-        bos_token_id=None,
-        eos_token_id=None,
+    config = gpt2_config(
+        spec["vocab_size"], spec["block_size"], width=spec["width"], layers=spec["layers"], heads=spec["heads"]
     )
     model = GPT2LMHeadModel(config)
     matrices, others = (g["params"] for g in pisa_zero.param_groups(model))  # NSISA's matrices, the rest
