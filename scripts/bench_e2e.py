@@ -201,24 +201,14 @@ def build_fsdp(spec: dict):
 def window_peaks(events, names: list[str]) -> dict[str, int]:
     """Peak live tensor bytes allocated inside each named profiler window (tensors from before it not counted),
     rebuilt address by address from the profiler's CPU [memory] events as scripts/comm_account.py does."""
+    from comm_account import cpu_memory_events, live_bytes
+
     windows = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") in names and "dur" in e}
-    memory = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Id") == -1), key=lambda e: e["ts"]
-    )
-    peaks = {}
-    for name, (lo, hi) in windows.items():
-        live, current, peak = {}, 0, 0
-        for e in memory:
-            if lo <= e["ts"] <= hi:
-                addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
-                if nbytes > 0:
-                    current += nbytes - live.get(addr, 0)
-                    live[addr] = nbytes
-                else:
-                    current -= live.pop(addr, 0)
-                peak = max(peak, current)
-        peaks[name] = peak
-    return peaks
+    memory = cpu_memory_events(events)
+    return {
+        name: max([0, *(current for _, current in live_bytes(e for e in memory if lo <= e["ts"] <= hi))])
+        for name, (lo, hi) in windows.items()
+    }
 
 
 def _settle_rss() -> float:

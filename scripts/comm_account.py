@@ -283,19 +283,21 @@ def run_mode(mode, args, counter):
     }
 
 
-def live_bytes_peaks(events) -> tuple[int, int]:
-    """Peak live tensor bytes (whole run, measured steps) rebuilt from the profiler's CPU [memory] events.
-
-    Each event is one allocation (+bytes) or free (−bytes) at an address; the live set is kept per address, so a
-    free of a block allocated before profiling started is ignored instead of skewing the sum (the profiler's own
-    running "Total Allocated" counter is process-global and drifts across sessions)."""
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "measured_step" and "dur" in e]
-    opt_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "optimizer_step" and "dur" in e]
-    memory = sorted(
+def cpu_memory_events(events) -> list[dict]:
+    """The profiler's CPU [memory] events (one allocation or free each), in time order."""
+    return sorted(
         (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Id") == -1), key=lambda e: e["ts"]
     )
+
+
+def live_bytes(memory):
+    """Yield (event, live tensor bytes after it) over [memory] events.
+
+    Each event is one allocation (+bytes) or free (−bytes) at an address; the live set is kept per address, so a
+    free of a block allocated before the events start is ignored instead of skewing the sum (the profiler's own
+    running "Total Allocated" counter is process-global and drifts across sessions)."""
     live: dict[int, int] = {}
-    current = peak = step_peak = opt_peak = 0
+    current = 0
     for e in memory:
         addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
         if nbytes > 0:
@@ -303,6 +305,15 @@ def live_bytes_peaks(events) -> tuple[int, int]:
             live[addr] = nbytes
         else:
             current -= live.pop(addr, 0)
+        yield e, current
+
+
+def live_bytes_peaks(events) -> tuple[int, int, int]:
+    """Peak live tensor bytes (whole run, measured steps, optimizer steps) rebuilt from the profiler's events."""
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "measured_step" and "dur" in e]
+    opt_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "optimizer_step" and "dur" in e]
+    peak = step_peak = opt_peak = 0
+    for e, current in live_bytes(cpu_memory_events(events)):
         peak = max(peak, current)
         if any(lo <= e["ts"] <= hi for lo, hi in windows):
             step_peak = max(step_peak, current)
