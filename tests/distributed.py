@@ -148,3 +148,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class CrossAgentCalls:
+    """Counts torch.distributed collectives whose group reaches beyond ``agent_ranks`` while the context is open
+    (what local steps promise never to make inside a round)."""
+
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor")
+    NAMES += ("all_gather_single", "all_to_all_single", "all_gather", "broadcast")
+
+    def __init__(self, agent_ranks):
+        self.agent_ranks = set(agent_ranks)
+        self.calls = 0
+        self.originals = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            if not hasattr(dist, name):
+                continue
+            original = self.originals[name] = getattr(dist, name)
+
+            def wrapper(*args, _original=original, **kwargs):
+                group = kwargs.get("group")
+                if not set(dist.get_process_group_ranks(group or dist.group.WORLD)) <= self.agent_ranks:
+                    self.calls += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+
+
+def load_script(name: str):
+    """A module of scripts/ (e.g. "comm_account"), imported from its file."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

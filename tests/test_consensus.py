@@ -23,7 +23,7 @@ from _consensus_common import (  # noqa: E402
     max_rel_err,
     reference_run,
 )
-from distributed import run_distributed, run_scenarios  # noqa: E402
+from distributed import load_script, run_distributed, run_scenarios  # noqa: E402
 
 from pisa_zero import PISA  # noqa: E402
 from pisa_zero.consensus import AgentTopology  # noqa: E402
@@ -231,18 +231,8 @@ def test_topology_single_process_and_validation():
         assert torch.equal(p, q)
 
 
-def _comm_account():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "comm_account.py")
-    spec = importlib.util.spec_from_file_location("comm_account", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _comm_body(rank, world, fake=False):
-    module = _comm_account()
+    module = load_script("comm_account")
     argv = ["--world", str(world), "--agents", "2", "--modes", "B-sisa,hsdp-adamw", "--steps", "2"]
     argv += ["--d-model", "64", "--seq", "32", "--batch", "2"] + (["--fake-collectives"] if fake else [])
     if fake:

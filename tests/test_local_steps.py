@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _consensus_common import agent_batch, agent_pools, loss_fn, make_model, max_rel_err, rank_batch  # noqa: E402
 from _consensus_common import reference_run as sync_reference  # noqa: E402
-from distributed import run_distributed  # noqa: E402
+from distributed import CrossAgentCalls, load_script, run_distributed  # noqa: E402
 
 from pisa_zero import PISA, checkpoint  # noqa: E402
 from pisa_zero.consensus import AgentTopology  # noqa: E402
@@ -130,38 +130,6 @@ def _full(t):
 
 def _weights(model):
     return {n: _full(p).detach().clone() for n, p in model.named_parameters()}
-
-
-class CrossAgentCalls:
-    """Counts collectives whose group reaches beyond this rank's agent, made inside ``optimizer.step()``."""
-
-    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor")
-    NAMES += ("all_gather_single", "all_to_all_single", "all_gather", "broadcast")
-
-    def __init__(self, agent_ranks):
-        self.agent_ranks = set(agent_ranks)
-        self.calls = 0
-        self.originals = {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            if not hasattr(dist, name):
-                continue
-            original = self.originals[name] = getattr(dist, name)
-
-            def wrapper(*args, _original=original, **kwargs):
-                group = kwargs.get("group")
-                ranks = set(dist.get_process_group_ranks(group or dist.group.WORLD))
-                if not ranks <= self.agent_ranks:
-                    self.calls += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.originals.items():
-            setattr(dist, name, original)
 
 
 def _train(model, opt, topo, start, stop, sizes, heterogeneous, count_cross=False, nan_at=None):
@@ -290,22 +258,12 @@ def _body4(rank, world, root):
     _train(model, opt, topo, 0, 7, SIZES4, heterogeneous=True)
     checkpoint.save(os.path.join(root, "mid4"), model, opt)
     # scripts/comm_account.py on the same 2 × 2 mesh (last: it wraps torch.distributed's collectives for good)
-    out["comm"] = _comm_account().worker(_comm_account().parse_args(COMM_ARGV))
+    out["comm"] = load_script("comm_account").worker(load_script("comm_account").parse_args(COMM_ARGV))
     return out
 
 
 COMM_ARGV = ["--world", "4", "--agents", "2", "--modes", "B-sisa,BH-sisa", "--local-steps", "2", "--steps", "2"]
 COMM_ARGV += ["--d-model", "64", "--seq", "32", "--batch", "2"]
-
-
-def _comm_account():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "comm_account.py")
-    spec = importlib.util.spec_from_file_location("comm_account", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from tests.distributed import CrossAgentCalls
+
 from . import common as C
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -125,7 +127,7 @@ def _agent_train(engine, steps: int, start: int = 0, cross: list | None = None) 
         if cross is None:
             engine.step()
             continue
-        with C.CrossAgentCalls(range(topo.agent_index * k, (topo.agent_index + 1) * k)) as counter:
+        with CrossAgentCalls(range(topo.agent_index * k, (topo.agent_index + 1) * k)) as counter:
             engine.step()
         cross.append(counter.calls)
 

@@ -193,38 +193,3 @@ def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
     den = sum(float(b[k].double().pow(2).sum()) for k in a)
     return (num / den) ** 0.5
-
-
-class CrossAgentCalls:
-    """Counts torch.distributed collectives whose group reaches beyond ``agent_ranks`` while the context is open."""
-
-    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_into_tensor")
-    NAMES += ("all_gather_single", "all_to_all_single", "all_gather", "broadcast")
-
-    def __init__(self, agent_ranks):
-        self.agent_ranks = set(agent_ranks)
-        self.calls = 0
-        self.originals = {}
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        for name in self.NAMES:
-            if not hasattr(dist, name):
-                continue
-            original = self.originals[name] = getattr(dist, name)
-
-            def wrapper(*args, _original=original, **kwargs):
-                group = kwargs.get("group")
-                if not set(dist.get_process_group_ranks(group or dist.group.WORLD)) <= self.agent_ranks:
-                    self.calls += 1
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, wrapper)
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        for name, original in self.originals.items():
-            setattr(dist, name, original)
