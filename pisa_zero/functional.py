@@ -17,9 +17,12 @@ One PISA step on a tensor, at the consensus point w (ALGORITHM.md §2–3), give
 With agents (mode B) the kernel stops after c and writes α·c into ``contribution``; the consensus layer sums it
 over agents and applies the last line with Σα·c in place of c.
 
-Three back ends compute exactly these operations in the same order: ``single`` (a loop of per-tensor ops),
-``foreach`` (torch._foreach_* over the list) and ``compiled`` (torch.compile'd fused kernels: one graph per tensor on
-CPU, one graph over the whole list on GPUs). The step counters t are 0-d tensors; ``compiled`` reads them on the
+Three back ends compute these operations in the same order: ``single`` (a loop of per-tensor ops), ``foreach``
+(torch._foreach_* over the list) and ``compiled`` (torch.compile'd fused kernels: one graph per tensor on CPU, one
+graph over the whole list on GPUs). ``compiled`` multiplies by reciprocals of the scalar divisors (1/(1 − β₂ᵗ),
+1/(σ + λ), 1/(σ + ρ)) instead of dividing, and leaves out the weight-decay and λ terms when they are zero (a graph per
+case): a division costs several multiplications on a CPU, and this kernel is the step's whole cost there; the
+results agree to a rounding. The step counters t are 0-d tensors; ``compiled`` reads them on the
 device (1 − β₂ᵗ of the whole list in one fp64 op), so a GPU step has no per-tensor host work and no host sync.
 State tensors may be bf16 (``state_dtype``); the arithmetic is fp32 and the state is rounded on store, except for
 float64 parameters, whose arithmetic (and default state) is float64, as in torch.optim (`arithmetic_dtype`).
@@ -226,26 +229,35 @@ def _step_foreach(
 # compiled back end: the same arithmetic in fused kernels (flattened, dynamic lengths)
 # ---------------------------------------------------------------------------------------------------------------
 
-# Index of each scalar in the fp32 vector handed to the kernel (scalars as a tensor avoid recompiles per value).
-(_SIGMA, _RHO, _BETA2, _ONE_MINUS_BETA2, _EPS, _LAMBDA, _SIGMA_PLUS_LAMBDA, _DECAY, _ALPHA, _SIGMA_PLUS_RHO) = range(10)
+# Index of each scalar in the vector handed to the kernel (scalars as a tensor avoid recompiles per value).
+(_SIGMA, _RHO, _BETA2, _ONE_MINUS_BETA2, _EPS, _LAMBDA, _INV_SIGMA_PLUS_LAMBDA, _DECAY, _ALPHA, _INV_SIGMA_PLUS_RHO) = (
+    range(10)
+)
 
 
-def _fused_kernel(
-    w, g, dual, second_moment, bias_correction2, scalars, preconditioner: str, write_contribution: bool, contribution
-):
+@dataclass(frozen=True)
+class _KernelCase:
+    """What the compiled graph is specialised on (Python values: one graph per case, no per-element branches)."""
+
+    preconditioner: str
+    write_contribution: bool  # mode B: write α·c, leave w to the consensus
+    decay: bool  # weight decay on (1 − lr·wd ≠ 1)
+    l2: bool  # λ ≠ 0
+
+
+def _fused_kernel(w, g, dual, second_moment, inv_bias_correction2, scalars, case: _KernelCase, contribution):
     sigma, rho = scalars[_SIGMA], scalars[_RHO]
-    w_f = w * scalars[_DECAY]
     dtype = scalars.dtype  # arithmetic_dtype(w): the scalar table is built in it
     dual_f = dual.to(dtype)
     h = g.to(dtype) + dual_f
-    if preconditioner == "identity":
-        d = h / scalars[_SIGMA_PLUS_RHO]
+    if case.preconditioner == "identity":
+        d = h * scalars[_INV_SIGMA_PLUS_RHO]
     else:
-        if preconditioner == "sisa":
+        if case.preconditioner == "sisa":
             v = second_moment.to(dtype) * scalars[_BETA2] + (h * h) * scalars[_ONE_MINUS_BETA2]
             second_moment.copy_(v)
-            q = torch.sqrt(v / bias_correction2[0]) + scalars[_EPS]
-        elif preconditioner == "adagrad":
+            q = torch.sqrt(v * inv_bias_correction2[0]) + scalars[_EPS]
+        elif case.preconditioner == "adagrad":
             v = second_moment.to(dtype) + h * h
             second_moment.copy_(v)
             q = torch.sqrt(v) + scalars[_EPS]
@@ -255,20 +267,23 @@ def _fused_kernel(
     dual_new = dual_f - d * sigma
     dual.copy_(dual_new)
     c = dual_new - d * sigma
-    if write_contribution:
-        w.copy_(w_f)
+    w_f = w * scalars[_DECAY] if case.decay else w
+    if case.write_contribution:
+        if case.decay:
+            w.copy_(w_f)
         contribution.copy_(c * scalars[_ALPHA])
+    elif case.l2:
+        w.copy_(w_f + (c - w_f * scalars[_LAMBDA]) * scalars[_INV_SIGMA_PLUS_LAMBDA])
     else:
-        w.copy_(w_f + (c - w_f * scalars[_LAMBDA]) / scalars[_SIGMA_PLUS_LAMBDA])
+        w.copy_(w_f + c * scalars[_INV_SIGMA_PLUS_LAMBDA])
 
 
-def _fused_list(ws, gs, duals, second_moments, bias_corrections2, scalars, preconditioner: str, write: bool, outs):
+def _fused_list(ws, gs, duals, second_moments, inv_bias_corrections2, scalars, case: _KernelCase, outs):
     """The fused kernel over a whole list of tensors in one graph (GPU: one compiled call launches them all)."""
     for i in range(len(ws)):
         v = second_moments[i] if second_moments is not None else None
         out = outs[i] if outs is not None else None
-        bc2 = bias_corrections2[i : i + 1]
-        _fused_kernel(ws[i], gs[i], duals[i], v, bc2, scalars, preconditioner, write, out)
+        _fused_kernel(ws[i], gs[i], duals[i], v, inv_bias_corrections2[i : i + 1], scalars, case, out)
 
 
 def _one_graph_per_list(device: torch.device) -> bool:
@@ -300,20 +315,21 @@ def _step_compiled(
 ) -> None:
     device = ws[0].device
     shared = [s.sigma, s.rho, s.beta2, 1.0 - s.beta2, s.eps, s.l2_lambda]
-    shared += [s.sigma + s.l2_lambda, s.decay, s.alpha, s.sigma + s.rho]
+    shared += [1.0 / (s.sigma + s.l2_lambda), s.decay, s.alpha, 1.0 / (s.sigma + s.rho)]
     # One host-to-device copy per call for all the scalars (per-tensor copies dominate a GPU step otherwise).
     scalars = torch.tensor(shared, dtype=arithmetic_dtype(ws[0])).to(device, non_blocking=True)
-    # 1 − β₂ᵗ of every tensor in one fp64 op on the device (as the host computes it; inside the kernel it would be
-    # recomputed for every element)
-    bias_corrections2 = (1.0 - s.beta2 ** torch.stack(steps).to(device, torch.float64)).to(scalars.dtype)
+    # 1/(1 − β₂ᵗ) of every tensor in one fp64 op on the device (as the host computes it; inside the kernel it would
+    # be recomputed for every element)
+    inv_bias_corrections2 = (1.0 / (1.0 - s.beta2 ** torch.stack(steps).to(device, torch.float64))).to(scalars.dtype)
     write = contributions is not None
-    # One graph per (preconditioner, mode, dtypes, device, list length): more than dynamo's default limit of 8.
-    with torch._dynamo.config.patch(recompile_limit=64):
+    case = _KernelCase(s.preconditioner, write, s.decay != 1.0, s.l2_lambda != 0.0)
+    # One graph per (kernel case, dtypes, device, list length): more than dynamo's default limit of 8.
+    with torch._dynamo.config.patch(recompile_limit=128):
         if _one_graph_per_list(device):
             flat = lambda ts: [t.reshape(-1) for t in ts] if ts is not None else None  # noqa: E731
             _compiled_list()(
-                flat(ws), flat(gs), flat(duals), flat(second_moments), bias_corrections2, scalars, s.preconditioner,
-                write, flat(contributions),
+                flat(ws), flat(gs), flat(duals), flat(second_moments), inv_bias_corrections2, scalars, case,
+                flat(contributions),
             )  # fmt: skip
             return
         kernel = _compiled_kernel()
@@ -321,8 +337,8 @@ def _step_compiled(
             v = second_moments[i].view(-1) if second_moments is not None else None
             out = contributions[i].view(-1) if write else None
             kernel(
-                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, bias_corrections2[i : i + 1], scalars,
-                s.preconditioner, write, out,
+                w.view(-1), gs[i].reshape(-1), duals[i].view(-1), v, inv_bias_corrections2[i : i + 1], scalars, case,
+                out,
             )  # fmt: skip
 
 
