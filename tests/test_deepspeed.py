@@ -377,14 +377,19 @@ def test_unchanged_user_script_with_register_under_deepspeed_launcher(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     steps = 20
     results = {}
+    ports = []
     for name, cfg_path in (("shipped", os.path.join(ROOT, "configs", "pisa_zero3.json")), ("fp32", str(fp32_path))):
         out = tmp_path / f"{name}.pt"
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script,
+        ports.append(free_port())
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(ports[-1]), script,
                "--deepspeed_config", cfg_path, "--steps", str(steps), "--out", str(out)]  # fmt: skip
         # generous: a 20-step launch took > 240 s on a loaded 2-core machine (the test's own timeout is 1500 s)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
         results[name] = torch.load(out, weights_only=False)
+    # DeepSpeed's CPU all-reduce buffers (67 MB of RAM per rank) never outlive the run: initialize unlinks them
+    left = [f for f in os.listdir("/dev/shm") if any(f"_{port}_" in f for port in ports)]
+    assert left == [], left
     for name, cfg in (("shipped", shipped), ("fp32", fp32)):
         r = results[name]
         assert r["optimizer"] == "PISA" and r["preconditioners"] == ["nsisa", "adamw"]
