@@ -289,18 +289,24 @@ GRIDS = {
 # Text, plain update: its σ must shrink with H (the issue's measurements), so its two grid points depend on H.
 TEXT_PISA_SIGMAS = {1: (30.0, 10.0), 4: (10.0, 3.0), 16: (3.0, 1.0), 64: (1.0, 0.3)}
 LOCAL_STEPS = {"digits": (1, 4, 16, 64), "text": (1, 4, 16, 64)}
-BASELINE_LOCAL_STEPS = {"digits": (4, 16, 64), "text": (16, 64)}
+BASELINE_LOCAL_STEPS = {"digits": (4, 16, 64), "text": (4, 16, 64)}
 SETTINGS = {
     "digits": dict(steps=256, batch_size=32, eval_every=16),
     "text": dict(steps=128, batch_size=4, eval_every=16),
 }
 
 
+# The longer text run of the page: the H = 16 and every-step points tuned at T = 128, rerun at T = 384.
+LONG_RUN = "--rerun-best-at 384 --local-steps 1 16 --methods sync pisa pisa-prox pisa-centred fedavg diloco " + (
+    "--inner muon --seeds 0 --jobs 2"
+)
+
 # Item 6's further candidates, tried at H = 16 on seed 0 on top of the tuned prox form (reported, not in the grid).
 EXPLORE = {
     "text": [
         dict(method="pisa-prox", H=16, sigma=30.0, rho=100.0, prox=1.0, dual_damping=True),
         dict(method="pisa-prox", H=16, sigma=30.0, rho=100.0, prox=1.0, outer_lr=0.5, outer_momentum=0.9),
+        dict(method="pisa-centred", H=16, sigma=30.0, rho=100.0, prox=0.5, outer_lr=0.5, outer_momentum=0.9),
     ],
     "digits": [
         dict(method="pisa-prox", H=16, sigma=0.3, rho=100.0, prox=1.0, dual_damping=True),
@@ -387,8 +393,24 @@ def study(args) -> None:
     configs = [
         c
         for c in configurations(args.task)
-        if (not args.methods or c[0] in args.methods) and (not args.local_steps or c[2] in args.local_steps)
+        if (not args.methods or c[0] in args.methods)
+        and (not args.local_steps or c[2] in args.local_steps)
+        and (not args.inner or c[1] in (None, args.inner))
     ]
+    if args.rerun_best_at:
+        # The points tuned at the task's T, rerun (not retuned) at a longer T: does a gap close with more rounds?
+        longer = {**settings, "steps": args.rerun_best_at}
+        specs = []
+        for m, inner, H in configs:
+            best = best_of(args.task, m, inner, H, settings, done)
+            if best is None:
+                raise SystemExit(f"--rerun-best-at: {m} {inner} H={H} has no tuned run at T={settings['steps']} yet")
+            hp = {k: best[k] for k in HYPER if k in best}
+            specs += [spec_for(args.task, m, inner, H, hp, seed, longer) for seed in args.seeds]
+        if args.explore:
+            specs += [dict(task=args.task, inner=None, seed=0, **longer, **e) for e in EXPLORE[args.task]]
+        run_specs(specs, args.results, done, args.jobs)
+        return
     grid_specs = [
         spec_for(args.task, m, inner, H, hp, 0, settings)
         for m, inner, H in configs
@@ -565,7 +587,8 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
         "is cached in `.cache/bench_heterogeneity.jsonl`, so the commands resume):",
         "",
         "    python scripts/bench_heterogeneity.py run --task digits --seeds 0 1",
-        "    python scripts/bench_heterogeneity.py run --task text --local-steps 1 16 64 --seeds 0 1 --jobs 3",
+        "    python scripts/bench_heterogeneity.py run --task text --seeds 0 1 --explore --jobs 2",
+        f"    python scripts/bench_heterogeneity.py run --task text {LONG_RUN}",
         "    python scripts/bench_heterogeneity.py report",
         "",
         "Every method gets the same local steps per agent and the same per-agent batch; a method meeting every H steps "
@@ -596,6 +619,21 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
             lines += ["Target check (issue 12):", ""] + target_lines(rows) + [""]
         lines += [f"Every PISA local-step run on {task} (seed 0): the forms and settings tried for item 6.", ""]
         lines += tried_lines(task, done, st) + [""]
+        for steps in sorted({r["steps"] for r in done.values() if r["task"] == task and r["steps"] > st["steps"]}):
+            longer = {**st, "steps": steps}
+            rows_long = summarise(task, done, longer)
+            if not rows_long:
+                continue
+            lines += [
+                f"### {task}, T = {steps}: the points tuned at T = {st['steps']}, rerun {steps // st['steps']}× longer",
+                "",
+                f"Not retuned (the grid column shows the one point run); {steps} local steps per agent.",
+                "",
+            ]
+            lines += table(rows_long, task) + [""]
+            if task == "text":
+                lines += ["Target check at this length:", ""] + target_lines(rows_long) + [""]
+            lines += tried_lines(task, done, longer) + [""]
     lines += ["![curves](heterogeneity.png)", ""]
     text = "\n".join(header + [kept_findings(output)] + lines)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -690,9 +728,18 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="restrict the run to these methods")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seed 0 tunes; the rest rerun the best")
     parser.add_argument("--local-steps", type=int, nargs="*", default=None, help="restrict the run to these H")
+    parser.add_argument("--inner", choices=["muon", "adamw"], default=None, help="restrict baselines to this inner")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each on one thread)")
     parser.add_argument("--explore", action="store_true", help="also run the task's item-6 candidates (EXPLORE)")
     parser.add_argument("--steps", type=int, default=None, help="local steps per agent (default: the task's)")
+    parser.add_argument(
+        "--rerun-best-at",
+        type=int,
+        default=None,
+        metavar="T",
+        help="rerun each configuration's point tuned at the task's T (seed 0) at T local steps, for --seeds "
+        "(and --explore's candidates); no grid",
+    )
     parser.add_argument("--results", type=Path, default=Path(".cache/bench_heterogeneity.jsonl"), help="result cache")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks/heterogeneity.md"), help="the page")
     args = parser.parse_args(argv)
