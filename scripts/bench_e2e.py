@@ -439,7 +439,8 @@ def report(args, summary: dict, load: list[float], missing: list[str], failures:
             lines.append(
                 f"| {BACKEND_LABELS[backend]} | {LABELS[opt]} | {num(s.get('tokens_per_s'), ',.0f')} | "
                 f"{num(lo, ',.0f')} – {num(hi, ',.0f')} | {num(r['tokens_per_s'], '.3f')}× | "
-                f"{num(s.get('rss_mib'), ',.0f')} | {num(r['rss_mib'], '.3f')}× | {num(s.get('rss_first_mib'), ',.0f')} | "
+                f"{num(s.get('rss_mib'), ',.0f')} | {num(r['rss_mib'], '.3f')}× | "
+                f"{num(s.get('rss_first_mib'), ',.0f')} | "
                 f"{num(s.get('allocator_mib'), ',.1f')} | {num(r['allocator_mib'], '.3f')}× |"
             )
         for opt in args.optimizers:
