@@ -11,7 +11,7 @@ DeepSpeed runs as its CPU Adam (``DeepSpeedCPUAdam``) under optimizer offload. P
 pair of processes, ``--warmup`` untimed steps then ``--steps`` timed steps of ``--batch-size`` × ``--block-size``
 tokens per rank; reports parameters, peak RSS per rank (VmHWM) and in total, and seconds per step (median).
 
-Memory safety (the machine is shared): before each launch the script reads MemAvailable and predicts the launch's
+Memory safety: before each launch the script reads MemAvailable and predicts the launch's
 total peak RSS from the bytes per parameter measured at the previous size (or ``--bytes-per-param`` before any);
 it skips the size — and says so on the page, with the numbers — unless MemAvailable exceeds the prediction by
 ``--margin-gib``. Results are cached in ``--results`` (JSON lines).
@@ -35,12 +35,20 @@ OPTIMIZERS = ("pisa", "adamw")
 LABELS = {"pisa": "PISA (nsisa + AdamW)", "adamw": "DeepSpeed CPU Adam (AdamW)"}
 
 
-def mem_available_gib() -> float:
+def _meminfo_gib(field: str) -> float:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
+    raise RuntimeError(f"/proc/meminfo has no {field}")
+
+
+def mem_available_gib() -> float:
+    return _meminfo_gib("MemAvailable")
+
+
+def mem_total_gib() -> float:
+    return _meminfo_gib("MemTotal")
 
 
 def config_for(spec: dict) -> dict:
@@ -116,12 +124,20 @@ def worker(spec: dict, out_path: str) -> None:
 
 
 def report(args, rows: list[dict], skipped: list[str]) -> str:
+    loads = [r["load1"] for r in rows if "load1" in r]
+    load = (
+        f"1-minute load average {min(loads):.1f} – {max(loads):.1f} at the launches' ends"
+        if loads
+        else "load not recorded"
+    )
+    quiet = bool(loads) and max(loads) < 3.0
     lines = [
         "# Scale: the largest GPT-2 that trains here with PISA (2 ranks, ZeRO-3, CPU offload, bf16 parameters)",
         "",
         f"Command: `{args.command}`  ",
-        "Machine: 2 CPU cores, 24 GiB, no GPU, shared with other engineers' work while this ran (s/step is slow and "
-        "noisy; peak RSS is not). DeepSpeed ZeRO-3, `offload_optimizer: cpu`, bf16 parameters and fp32 masters "
+        f"Machine: {os.cpu_count()} CPU cores, {mem_total_gib():.0f} GiB, no GPU; {load} "
+        + ("(nothing else running). " if quiet else "(other work running: s/step is slow and noisy; peak RSS is not). ")
+        + "DeepSpeed ZeRO-3, `offload_optimizer: cpu`, bf16 parameters and fp32 masters "
         "(configs/pisa_zero3_offload.json), model built under `deepspeed.zero.Init`, GPT-2 from engine/models.py "
         f"with the byte vocabulary (256), {args.batch_size} × {args.block_size} tokens per rank per step, "
         f"{args.warmup} warm-up + {args.steps} timed steps.",
@@ -250,12 +266,12 @@ def main(argv=None) -> int:
                     skipped.append(
                         f"{size} {LABELS[opt]}: memory safety — {n / 1e6:,.0f}M parameters, {need:.1f} GiB total "
                         f"peak RSS predicted ({how}); MemAvailable was {free:.1f} GiB (needs the prediction + "
-                        f"{args.margin_gib:g} GiB for the other engineers' work) at {time.strftime('%H:%M UTC')}"
+                        f"{args.margin_gib:g} GiB for the rest of the machine) at {time.strftime('%H:%M UTC')}"
                     )
                     print("skip:", skipped[-1], flush=True)
                     continue
                 print(f"{size} {opt}: predicted {need:.1f} GiB, {free:.1f} GiB available; launching", flush=True)
-                result = launch(spec, args.timeout, script=__file__)
+                result = launch(spec, args.timeout, script=__file__) | {"load1": os.getloadavg()[0]}
                 with args.results.open("a") as out:
                     out.write(json.dumps(result) + "\n")
                 done[key(spec)] = result
