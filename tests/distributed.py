@@ -13,7 +13,8 @@ Each rank gets ``OMP_NUM_THREADS=1`` and a FileStore rendezvous in a fresh tempo
 ends with ``dist.destroy_process_group()`` then ``os._exit`` so gloo cannot abort at interpreter exit. A rank that
 raises makes the call fail with that rank's traceback (the other ranks are killed 5 s later: they may be blocked in a
 collective); a run that passes ``timeout`` is killed (only the processes started here) and reported. Processes are
-forked (fast; the test process must not have started CUDA).
+forked (fast; the test process must not have started CUDA); each rank compiles torch.compile kernels in its own
+thread.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import traceback
 from collections.abc import Callable
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.distributed as dist
 
 
@@ -35,6 +37,10 @@ def _worker(fn, rank: int, world_size: int, store_path: str, result_path: str, a
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+        # Compile in the rank's own thread: inductor's compile thread pool does not survive fork (torch resets its
+        # process pool in a forked child, not its thread pool), so a rank compiling a kernel the test process had not
+        # compiled yet would wait on the parent's dead pool threads forever.
+        inductor_config.compile_threads = 1
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
