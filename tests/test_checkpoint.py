@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -213,6 +214,7 @@ def test_nonfinite_shard_on_one_rank_refused_on_every_rank(resharded):
 
 def _killed_writer(path):
     torch.set_num_threads(1)
+    torch._inductor.config.compile_threads = 1  # forked: the parent's compile thread pool has no threads here
     model = make_model()
     opt = PISA(groups(model), **HP)
     train(model, opt, 0, 2)
