@@ -67,6 +67,10 @@ def setup_distributed(args):
 
         deepspeed.utils.logger.setLevel(logging.WARNING)  # keep the console for training lines
         deepspeed.init_distributed(timeout=timeout)
+        # now, not at initialize: a run that stops before its engine is built must not leave 67 MB/rank in /dev/shm
+        from pisa_zero.integrations.deepspeed import release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer()
         rank, world = dist.get_rank(), dist.get_world_size()
     elif world > 1 or args.backend == "fsdp2":
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, device_id=device if use_cuda else None)

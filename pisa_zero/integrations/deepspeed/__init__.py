@@ -25,7 +25,7 @@ build_optimizer), ``layout`` (ZeRO partition layouts: the only file a DeepSpeed 
 
 from .checkpoint import convert_checkpoint, load_universal
 from .config import PISA_KEYS, PISASpec, is_pisa_config, parse_pisa_params, prepare_config
-from .engine import build_optimizer, initialize, optimizer_factory, register, unregister
+from .engine import build_optimizer, initialize, optimizer_factory, register, release_cpu_allreduce_buffer, unregister
 from .layout import PartitionLayout, PartitionPiece, partition_layouts
 from .mpu import AgentMPU
 
@@ -45,5 +45,6 @@ __all__ = [
     "partition_layouts",
     "prepare_config",
     "register",
+    "release_cpu_allreduce_buffer",
     "unregister",
 ]
