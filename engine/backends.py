@@ -44,7 +44,7 @@ def pisa_options(args) -> dict:
         weight_decay=args.weight_decay,
         local_steps=args.local_steps,
         implementation=None if args.implementation == "auto" else args.implementation,
-    )
+    ) | ({"prox_sigma": args.prox_sigma, "centred_dual": args.centred_dual} if args.local_steps > 1 else {})
 
 
 def groups_for(model, args) -> list[dict]:
@@ -273,6 +273,7 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     if kind == "pisa":
         _override(params, explicit, args, [(k, k) for k in ("sigma", "rho", "momentum", "beta2", "l2_lambda")])
         _override(params, explicit, args, [(k, k) for k in ("weight_decay", "agents", "local_steps")])
+        _override(params, explicit, args, [(k, k) for k in ("prox_sigma", "centred_dual")])
         _override(params, explicit, args, [(k, k) for k in ("matrix_preconditioner", "other_preconditioner")])
         if "implementation" in explicit:
             params["implementation"] = pisa_options(args)["implementation"]

@@ -29,7 +29,7 @@ Writes TensorBoard logs to <out-dir>/tensorboard and checkpoints to <out-dir>/ch
 
 #: flags of PISA only, and of the baselines only: given explicitly with the other optimizer they would do nothing
 PISA_FLAGS = ("sigma", "rho", "matrix_preconditioner", "other_preconditioner", "beta2", "l2_lambda", "implementation")
-PISA_FLAGS += ("local_steps",)
+PISA_FLAGS += ("local_steps", "prox_sigma", "centred_dual")
 BASELINE_FLAGS = ("lr",)
 
 
@@ -137,6 +137,19 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
         default=1,
         help="mode B (--agents M > 1): H local steps per consensus round, the agents meet every H-th step "
         "(docs/ALGORITHM.md §6); evaluation uses the consensus weights; 1 = every step",
+    )
+    o.add_argument(
+        "--prox-sigma",
+        type=float,
+        default=None,
+        help="with --local-steps H > 1: σ_p of the proximal term, dual ascent and consensus (default: σ, the §6 "
+        "update); σ/H is the measured best for nsisa (docs/benchmarks/heterogeneity.md)",
+    )
+    o.add_argument(
+        "--centred-dual",
+        action="store_true",
+        help="with --local-steps H > 1: the consensus averages the local points and the duals keep only their drift "
+        "correction (SCAFFOLD-like, same bytes; docs/ALGORITHM.md §6)",
     )
     o.add_argument(
         "--weight-decay",
@@ -277,6 +290,11 @@ def _check_combinations(args, error) -> None:
         error(f"--agents {args.agents} needs --backend fsdp2 or deepspeed (mode B)")
     if args.local_steps > 1 and args.agents == 1:
         error(f"--local-steps {args.local_steps} needs agents (--agents M, M > 1)")
+    for flag in ("prox_sigma", "centred_dual"):
+        if flag in given and args.local_steps == 1 and args.backend != "deepspeed":  # deepspeed: PISA checks the JSON
+            error(f"--{flag.replace('_', '-')} changes the local-step round: it needs --local-steps H > 1")
+    if args.prox_sigma is not None and not (math.isfinite(args.prox_sigma) and args.prox_sigma > 0):
+        error(f"--prox-sigma={args.prox_sigma}: expected a finite value > 0")
     if args.heterogeneity and args.agents < 2:
         error("--heterogeneity gives each agent its own data: it needs --agents M with M > 1")
     for flag in ("cpu_offload",) + (("dtype",) if args.backend == "single" else ()):

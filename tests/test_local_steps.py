@@ -569,6 +569,26 @@ def test_engine_local_steps_flag_needs_agents(capsys):
     assert parse_args(["--local-steps", "4", "--agents", "2", "--backend", "fsdp2"]).local_steps == 4
 
 
+def test_engine_prox_sigma_and_centred_dual_flags_reach_pisa(capsys):
+    from engine.backends import pisa_options
+    from engine.train import parse_args
+
+    mode_b = ["--agents", "2", "--backend", "fsdp2"]
+    for argv, message in (
+        (["--prox-sigma", "3", *mode_b], "--prox-sigma changes the local-step round: it needs --local-steps H > 1"),
+        (["--centred-dual", *mode_b], "--centred-dual changes the local-step round: it needs --local-steps H > 1"),
+        (["--prox-sigma", "0", "--local-steps", "4", *mode_b], "--prox-sigma=0.0: expected a finite value > 0"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+    options = pisa_options(parse_args(["--local-steps", "4", "--prox-sigma", "7.5", "--centred-dual", *mode_b]))
+    assert options["prox_sigma"] == 7.5 and options["centred_dual"] is True and options["local_steps"] == 4
+    with pytest.raises(ValueError, match="needs agents"):  # PISA takes the keys (and wants its agents)
+        PISA([torch.nn.Parameter(torch.zeros(3))], **options)
+    assert "prox_sigma" not in pisa_options(parse_args(mode_b))  # H = 1: today's step, nothing added
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preconditioner", ["sisa", "nsisa"])
 def test_cuda_local_steps_match_reference_with_cpu_anchor(preconditioner):
