@@ -109,17 +109,26 @@ def nesterov_momentum(grads: list[Tensor], momenta: list[Tensor], mu: float, nes
     return directions
 
 
+#: Elements per Newton–Schulz batch: same-shape matrices are stacked up to this many (at least one matrix), so the
+#: iteration's temporaries (a few copies of the batch) stay bounded however large the model; 2^26 fp32 = 256 MiB.
+NS_BATCH_ELEMENTS = 2**26
+
+
 def orthogonalize_batched(directions: list[Tensor], steps: int, compute_dtype: torch.dtype) -> list[Tensor]:
-    """Orthogonalise every 2-D tensor of the list, batching same-shape matrices; other tensors pass through."""
+    """Orthogonalise every 2-D tensor of the list, batching same-shape matrices (``NS_BATCH_ELEMENTS`` at most per
+    batch); other tensors pass through."""
     out: list[Tensor] = list(directions)
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(directions):
         if u.ndim == 2:
             by_shape.setdefault((*u.shape, u.dtype), []).append(i)
-    for indices in by_shape.values():
-        ortho = orthogonalize(torch.stack([directions[i] for i in indices]), steps, compute_dtype)
-        for j, i in enumerate(indices):
-            out[i] = ortho[j]
+    for (rows, cols, _), indices in by_shape.items():
+        per_batch = max(1, NS_BATCH_ELEMENTS // (rows * cols))
+        for start in range(0, len(indices), per_batch):
+            batch = indices[start : start + per_batch]
+            ortho = orthogonalize(torch.stack([directions[i] for i in batch]), steps, compute_dtype)
+            for j, i in enumerate(batch):
+                out[i] = ortho[j]
     return out
 
 

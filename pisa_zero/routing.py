@@ -121,8 +121,10 @@ class MatrixRouter:
         device = comm_device(home, self.group) if self.world > 1 else home
         flat = [t.reshape(-1) for t in local]
         send = torch.cat([flat[i] for lst in self._to_owner for i in lst] or [torch.zeros(0, dtype=dtype, device=home)])
-        recv = self._exchange(send.to(device), self._recv_sizes, self._send_sizes, dtype, device)
-        ortho = self._owner_step(recv, ns_steps, compute_dtype)
+        # the received pieces are handed over without a name here, so _owner_step frees them once assembled
+        ortho = self._owner_step(self._exchange(send.to(device), self._recv_sizes, self._send_sizes, dtype, device),
+                                 ns_steps, compute_dtype)  # fmt: skip
+        del send
         back = torch.cat(
             [ortho[j][pc.start : pc.start + pc.numel].to(dtype) for lst in self._from_rank for j, pc in lst]
             or [torch.zeros(0, dtype=dtype, device=device)]
@@ -143,6 +145,7 @@ class MatrixRouter:
             for j, pc in lst:
                 whole[j][pc.start : pc.start + pc.numel] = recv[offset : offset + pc.numel]
                 offset += pc.numel
+        del recv  # assembled: the matrices' bytes are held once, not twice, during Newton–Schulz
         ortho = F.orthogonalize_batched([whole[j].view(self.shapes[j]) for j in self._owned], ns_steps, compute_dtype)
         return {j: o.reshape(-1) for j, o in zip(self._owned, ortho)}
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-OPTIMIZERS = ("pisa", "adamw")
+OPTIMIZERS = ("adamw", "pisa")  # AdamW first at each size: its line helps predict PISA's memory
 LABELS = {"pisa": "PISA (nsisa + AdamW)", "adamw": "DeepSpeed CPU Adam (AdamW)"}
 
 
@@ -206,18 +206,31 @@ def approx_params(family: str, size: str) -> int:
 
 def predict_gib(rows: list[dict], optimizer: str, params: int, guess: float) -> tuple[float, str]:
     """Total peak RSS (GiB) predicted for ``params`` parameters: a line through the two largest sizes measured with
-    this optimizer (fixed cost + bytes/param), one size's bytes/param (an over-estimate: it folds the fixed cost
-    in), or ``guess`` bytes/param before any."""
-    points = sorted(
-        (r["ranks"][0]["params"], sum(x["rss_peak_mib"] for x in r["ranks"]) / 1024)
-        for r in rows
-        if r["optimizer"] == optimizer
-    )
+    this optimizer (fixed cost + bytes/param); with one size of its own, a line through it with the other
+    optimizer's slope; else one size's bytes/param (an over-estimate: it folds the fixed cost in), or ``guess``
+    bytes/param before any."""
+
+    def points_of(name):
+        return sorted(
+            (r["ranks"][0]["params"], sum(x["rss_peak_mib"] for x in r["ranks"]) / 1024)
+            for r in rows
+            if r["optimizer"] == name
+        )
+
+    points = points_of(optimizer)
     if len(points) >= 2:
         (n0, m0), (n1, m1) = points[-2:]
         slope = (m1 - m0) / (n1 - n0)
         how = f"line through {n0 / 1e6:.0f}M and {n1 / 1e6:.0f}M: {slope * 2**30:.1f} B/param"
         return m1 + slope * (params - n1), how
+    others = [points_of(o) for o in OPTIMIZERS if o != optimizer]
+    other = next((pts for pts in others if len(pts) >= 2), None)
+    if points and other:
+        (n0, m0), (n1, m1) = other[-2:]
+        slope = (m1 - m0) / (n1 - n0)
+        (n, m) = points[-1]
+        how = f"{n / 1e6:.0f}M measured + the other optimizer's {slope * 2**30:.1f} B/param"
+        return m + slope * (params - n), how
     if points:
         n0, m0 = points[-1]
         return m0 / n0 * params, f"{m0 * 2**30 / n0:.1f} B/param measured at {n0 / 1e6:.0f}M"

@@ -2,8 +2,10 @@
 """Optimizer step time: PISA against torch AdamW (fused and foreach) on the same tensors, in the same process.
 
 The tensors have GPT-2-small shapes (embeddings + blocks of 768-wide matrices, biases, norms), as many blocks as
-fit the requested size. Every optimizer gets fresh copies, two warm-up steps (torch.compile builds its kernel there)
-and then ``--steps`` timed steps; the table gives the median step time and the ratio to fused AdamW.
+fit the requested size. Every optimizer gets fresh copies and two warm-up steps (torch.compile builds its kernel
+there). Fused AdamW, PISA's default step, PISA without the finite check and the check alone are alive together and
+stepped in turn (3 × ``--steps`` steps each per round, a rotated order per step); the other rows get ``--steps``
+timed steps one optimizer at a time. The table gives the median step time and the ratio to fused AdamW.
 
     python scripts/bench_step.py                       # 100M fp32 parameters, writes docs/benchmarks/step_time.md
     python scripts/bench_step.py --millions 10 --no-write
@@ -64,16 +66,29 @@ def time_steps(optimizer, steps: int, device: str) -> float:
     return statistics.median(times) * 1e3
 
 
-def time_check(grads, steps: int, device: str) -> float:
-    """Median time of `PISA.step`'s finite check (one read of every gradient, one host sync) alone."""
-    F.all_finite(grads)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        F.all_finite(grads)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def time_interleaved(builds: dict, shapes, steps: int, device: str) -> dict[str, float]:
+    """Median step time of each optimizer, all alive at once and stepped in turn (a rotated order per step), with the
+    finite check alone timed in the same rotation: drifts of the machine (a VM's memory bandwidth moved by 1.5x
+    between rounds here) fall on all of them alike."""
+    optimizers, grads = {}, None
+    for name, build in builds.items():
+        params = make_params(shapes, device)
+        optimizers[name] = build(params)
+        optimizers[name].step()
+        optimizers[name].step()
+        if name == CHECK_AFTER:
+            grads = [p.grad for p in params]
+    timed = {**{name: opt.step for name, opt in optimizers.items()}, CHECK_ROW: lambda: F.all_finite(grads)}
+    times = {name: [] for name in timed}
+    order = list(timed)
+    for i in range(steps):
+        for name in order[i % len(order) :] + order[: i % len(order)]:
+            synchronize(device)
+            start = time.perf_counter()
+            timed[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def newton_schulz_ms(shapes, steps: int, device: str, dtype: torch.dtype | None = None) -> float:
@@ -115,28 +130,32 @@ def main(argv=None) -> int:
         f"{torch.get_num_threads()} threads",
         flush=True,
     )
-    candidates = {
+    # The target's three rows (and the check alone) are stepped in turn, all alive at once; the others one at a time.
+    paired = {
         BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         CHECK_AFTER: lambda ps: PISA(ps, sigma=1.0, rho=1000.0),
         "PISA sisa, skip_nonfinite=False": lambda ps: PISA(ps, sigma=1.0, rho=1000.0, skip_nonfinite=False),
+    }
+    candidates = {
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "PISA adagrad": lambda ps: PISA(ps, preconditioner="adagrad"),
         "PISA identity": lambda ps: PISA(ps, preconditioner="identity"),
         "PISA sisa foreach": lambda ps: PISA(ps, implementation="foreach"),
     }
     # Rounds interleave the optimizers so that a noisy neighbour slows all of them alike; each round's ratio is to
     # the fused AdamW of the same round, and the medians over rounds are reported.
-    times: dict[str, list[float]] = {name: [] for name in [*candidates, CHECK_ROW]}
+    times: dict[str, list[float]] = {name: [] for name in [*paired, *candidates, CHECK_ROW]}
     ratios: dict[str, list[float]] = {name: [] for name in times}
     load_before = os.getloadavg()[0]
     for round_index in range(args.rounds):
+        for name, ms in time_interleaved(paired, shapes, 3 * args.steps, args.device).items():
+            times[name].append(ms)
+            print(f"  round {round_index + 1}: {name:45s} {ms:8.1f} ms", flush=True)
         for name, build in candidates.items():
             params = make_params(shapes, args.device)
             ms = time_steps(build(params), args.steps, args.device)
-            if name == CHECK_AFTER:  # the finite check alone, on the same gradients, between the two PISA rows
-                times[CHECK_ROW].append(time_check([p.grad for p in params], args.steps, args.device))
             times[name].append(ms)
-            print(f"  round {round_index + 1}: {name:34s} {ms:8.1f} ms", flush=True)
+            print(f"  round {round_index + 1}: {name:45s} {ms:8.1f} ms", flush=True)
             del params
         for name in times:
             ratios[name].append(times[name][-1] / times[BASELINE][-1])
@@ -173,10 +192,12 @@ def main(argv=None) -> int:
         f"--rounds {args.rounds} --ns-millions {args.ns_millions:g} --device {args.device}`  ",
         f"Machine: {machine}, {torch.get_num_threads()} CPU threads, "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}  ",
-        f"Tensors: {numel / 1e6:.1f}M fp32 parameters with GPT-2-small shapes ({len(shapes)} tensors); each "
-        f"optimizer's median step time after two warm-up steps, {args.rounds} interleaved rounds (every optimizer once "
-        "per round); the table gives the median over rounds of the time and of the ratio to the same round's fused "
-        f"AdamW. 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+        f"Tensors: {numel / 1e6:.1f}M fp32 parameters with GPT-2-small shapes ({len(shapes)} tensors); "
+        f"{args.rounds} rounds; in each, fused AdamW, PISA's default, PISA without the check and the check alone are "
+        f"alive together and stepped in turn ({3 * args.steps} steps each, a rotated order per step, after two warm-up "
+        f"steps), then every other row alone ({args.steps} steps); the table gives the median over rounds of the "
+        "median step time and of the ratio to the same round's fused AdamW. "
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after "
         f"({'nothing else was running' if load_before < 1 else 'other work was running: noisy'}).",
         "",
         "| optimizer | ms/step | ratio to AdamW fused |",
