@@ -603,37 +603,29 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
         "cosine to 10% (PISA: σ, ρ scale by its inverse).",
         "",
     ]
+
+    def section(task, rows, st, heading, intro, target_heading, tried_heading) -> list[str]:
+        out = [heading, "", intro, ""] + table(rows, task) + [""]
+        if task == "text":
+            out += [target_heading, ""] + target_lines(rows) + [""]
+        return out + tried_heading + tried_lines(task, done, st) + [""]
+
     lines = []
     for task, rows in sections.items():
         if not rows:
             continue
         st = settings[task]
-        lines += [
-            f"## {task}",
-            "",
-            f"{st['steps']} local steps per agent, batch {st['batch_size']} per agent per step.",
-            "",
-        ]
-        lines += table(rows, task) + [""]
-        if task == "text":
-            lines += ["Target check (issue 12):", ""] + target_lines(rows) + [""]
-        lines += [f"Every PISA local-step run on {task} (seed 0): the forms and settings tried for item 6.", ""]
-        lines += tried_lines(task, done, st) + [""]
+        intro = f"{st['steps']} local steps per agent, batch {st['batch_size']} per agent per step."
+        tried = [f"Every PISA local-step run on {task} (seed 0): the forms and settings tried for item 6.", ""]
+        lines += section(task, rows, st, f"## {task}", intro, "Target check (issue 12):", tried)
         for steps in sorted({r["steps"] for r in done.values() if r["task"] == task and r["steps"] > st["steps"]}):
             longer = {**st, "steps": steps}
             rows_long = summarise(task, done, longer)
-            if not rows_long:
-                continue
-            lines += [
-                f"### {task}, T = {steps}: the points tuned at T = {st['steps']}, rerun {steps // st['steps']}× longer",
-                "",
-                f"Not retuned (the grid column shows the one point run); {steps} local steps per agent.",
-                "",
-            ]
-            lines += table(rows_long, task) + [""]
-            if task == "text":
-                lines += ["Target check at this length:", ""] + target_lines(rows_long) + [""]
-            lines += tried_lines(task, done, longer) + [""]
+            if rows_long:
+                times = steps // st["steps"]
+                heading = f"### {task}, T = {steps}: the points tuned at T = {st['steps']}, rerun {times}× longer"
+                intro = f"Not retuned (the grid column shows the one point run); {steps} local steps per agent."
+                lines += section(task, rows_long, longer, heading, intro, "Target check at this length:", [])
     lines += ["![curves](heterogeneity.png)", ""]
     text = "\n".join(header + [kept_findings(output)] + lines)
     output.parent.mkdir(parents=True, exist_ok=True)
