@@ -610,7 +610,7 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
             out += [target_heading, ""] + target_lines(rows) + [""]
         return out + tried_heading + tried_lines(task, done, st) + [""]
 
-    lines = []
+    lines, plotted = [], dict(sections)
     for task, rows in sections.items():
         if not rows:
             continue
@@ -622,6 +622,7 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
             longer = {**st, "steps": steps}
             rows_long = summarise(task, done, longer)
             if rows_long:
+                plotted[f"{task}, T = {steps}"] = rows_long
                 times = steps // st["steps"]
                 heading = f"### {task}, T = {steps}: the points tuned at T = {st['steps']}, rerun {times}× longer"
                 intro = f"Not retuned (the grid column shows the one point run); {steps} local steps per agent."
@@ -631,7 +632,7 @@ def report(results: Path, output: Path, settings: dict = SETTINGS) -> str:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
-    plot(sections, output.with_suffix(".png"))
+    plot(plotted, output.with_suffix(".png"))
     return text
 
 
@@ -641,7 +642,7 @@ def plot(sections: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    fig, axes = plt.subplots(len(sections), 3, figsize=(16, 4.5 * len(sections)), squeeze=False)
     colors = {
         ("sync", "adamw"): "tab:gray",
         ("sync", "muon"): "black",
@@ -654,7 +655,8 @@ def plot(sections: dict, path: Path) -> None:
         ("diloco", "adamw"): "tab:olive",
     }
     for row_axes, (task, rows) in zip(axes, sections.items()):
-        metric = "accuracy" if task == "digits" else "loss"
+        digits = task.startswith("digits")
+        metric = "accuracy" if digits else "loss"
         for ax, H in zip(row_axes[:2], (16, 64)):
             for r in rows:
                 if r["H"] not in (1, H):
@@ -672,18 +674,18 @@ def plot(sections: dict, path: Path) -> None:
                     )
             ax.set_title(f"{task}: H = {H} (dashed: every step)")
             ax.set_xlabel(f"local steps per agent (rounds × {H})")
-            ax.set_ylabel("test accuracy" if task == "digits" else "validation loss")
-            if task == "text":
+            ax.set_ylabel("test accuracy" if digits else "validation loss")
+            if not digits:
                 ax.set_ylim(top=3.2)
             ax.grid(alpha=0.3)
         ax = row_axes[2]
         for r in rows:
-            value = r["accuracy"] if task == "digits" else r["loss"]
+            value = r["accuracy"] if digits else r["loss"]
             ax.scatter(r["mbytes"], value, color=colors[(r["method"], r["inner"])])
             ax.annotate(f"H={r['H']}", (r["mbytes"], value), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("MB sent per agent (whole run)")
-        ax.set_ylabel("final " + ("test accuracy" if task == "digits" else "validation loss"))
+        ax.set_ylabel("final " + ("test accuracy" if digits else "validation loss"))
         ax.set_title(f"{task}: final value vs bytes")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
