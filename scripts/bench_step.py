@@ -53,17 +53,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def seconds(fn, device: str) -> float:
+    """Wall time of one call of ``fn``, the device synchronised on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_steps(optimizer, steps: int, device: str) -> float:
     optimizer.step()
     optimizer.step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(seconds(optimizer.step, device) for _ in range(steps)) * 1e3
 
 
 def time_interleaved(builds: dict, shapes, steps: int, device: str) -> dict[str, float]:
@@ -83,11 +85,7 @@ def time_interleaved(builds: dict, shapes, steps: int, device: str) -> dict[str,
     order = list(timed)
     for i in range(steps):
         for name in order[i % len(order) :] + order[: i % len(order)]:
-            synchronize(device)
-            start = time.perf_counter()
-            timed[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(timed[name], device))
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 

@@ -4,6 +4,7 @@ unchanged script's ``deepspeed.initialize`` here), :func:`build_optimizer` (the 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -125,8 +126,6 @@ def release_cpu_allreduce_buffer() -> None:
     until reboot (DeepSpeed PR #4115 says as much); 174 of them once held 11.6 GB of a 24 GB machine here. Every rank
     maps its peers' buffers during ``init_distributed``, so after a barrier the names are no longer needed: unlinking
     frees the memory when the last process holding the mapping exits, however it exits (``os._exit``, a signal)."""
-    import os
-
     if not dist.is_initialized():
         return
     env = os.environ
