@@ -7,6 +7,7 @@ import copy
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,20 @@ GROUP_OPTION_KEYS = (
     "ns_steps",
 )
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+#: ``"param_groups"`` value that routes block matrices to ``preconditioner`` and the rest to ``other_preconditioner``
+#: (`pisa_zero.param_groups`). Not ``"auto"``: Hugging Face's Trainer and accelerate take every ``"auto"`` in a
+#: DeepSpeed JSON for their own placeholder and refuse the ones they cannot fill.
+BY_ROLE = "by_role"
+#: The first spelling of :data:`BY_ROLE`, still read (with a warning) for configs written before it.
+LEGACY_BY_ROLE = "auto"
+#: Top-level keys that only some preconditioners read: a JSON that sets one no group reads is refused, not ignored.
+READ_BY = {
+    "betas": {"adamw"},
+    "beta2": {"sisa"},
+    "momentum": {"nsisa"},
+    "nesterov": {"nsisa"},
+    "ns_steps": {"nsisa"},
+}
 
 
 def _load_config(args, config) -> tuple[dict, object]:
@@ -92,6 +107,37 @@ class PISASpec:
         )
 
 
+def _warn_legacy_by_role() -> None:
+    warnings.warn(
+        f'pisa_zero.deepspeed: optimizer.params "param_groups": "{LEGACY_BY_ROLE}" is read as "{BY_ROLE}"; write '
+        f'"{BY_ROLE}" (Hugging Face Trainer and accelerate take every "auto" in the JSON for their own placeholder '
+        "and refuse this one)",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def _refuse_unread_keys(spec: PISASpec) -> None:
+    """ValueError naming a top-level key that no param group reads (Hugging Face's Trainer fills ``"betas": "auto"``
+    with its Adam betas, which only an ``adamw`` group reads)."""
+    if spec.auto_groups:
+        readers = {key: {spec.matrix_preconditioner} for key in READ_BY}
+        for key in READ_BY:
+            if key not in spec.other_options:  # the other group's own value wins over the top-level one
+                readers[key].add(spec.other_preconditioner)
+    else:
+        readers = {key: {spec.kwargs.get("preconditioner", "sisa")} for key in READ_BY}
+    for key, preconditioners in READ_BY.items():
+        if key in spec.kwargs and not preconditioners & readers[key]:
+            where = " and other_options sets its own" if spec.auto_groups and key in spec.other_options else ""
+            raise ValueError(
+                f"pisa_zero.deepspeed: optimizer.params.{key}={spec.kwargs[key]!r} is read by no param group: only "
+                f"{'/'.join(sorted(preconditioners))} groups read it, the groups here are "
+                f"{'/'.join(sorted(spec.preconditioners()))}{where}; remove it (Hugging Face's Trainer fills a "
+                f'"{key}": "auto" from its own arguments)'
+            )
+
+
 def parse_pisa_params(params: dict | None) -> PISASpec:
     """Validate a JSON ``optimizer.params`` block; ValueError naming the key for anything unknown or out of range.
 
@@ -116,12 +162,17 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
             raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.betas={betas!r}: expected [beta1, beta2]")
         kwargs["betas"] = tuple(betas)
     grouping = params.get("param_groups")
-    if grouping not in (None, "auto"):
-        raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.param_groups={grouping!r}: expected 'auto'")
-    auto = grouping == "auto"
+    if grouping == LEGACY_BY_ROLE:
+        _warn_legacy_by_role()
+        grouping = BY_ROLE
+    if grouping not in (None, BY_ROLE):
+        raise ValueError(
+            f"pisa_zero.deepspeed: invalid optimizer.params.param_groups={grouping!r}: expected {BY_ROLE!r}"
+        )
+    auto = grouping == BY_ROLE
     for key in ("matrix_preconditioner", "other_preconditioner", "other_options"):
         if key in params and not auto:
-            raise ValueError(f'pisa_zero.deepspeed: optimizer.params.{key} needs "param_groups": "auto"')
+            raise ValueError(f'pisa_zero.deepspeed: optimizer.params.{key} needs "param_groups": "{BY_ROLE}"')
     other_options = dict(params.get("other_options") or {})
     for key in other_options:
         if key not in GROUP_OPTION_KEYS:
@@ -140,6 +191,7 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
     if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:
         raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.agents={agents!r}: expected an integer >= 1")
     spec = PISASpec(kwargs, auto, matrix, other, other_options, agents)
+    _refuse_unread_keys(spec)
     # Validation by PISA itself, on dummies: the message names the key and the value. (local_steps > 1 needs agents:
     # a one-agent dummy topology here; initialize() checks that the run has agents.)
     dummy = {}

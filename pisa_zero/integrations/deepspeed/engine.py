@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ...optimizer import PISA
-from .config import PISASpec, _load_config, is_pisa_config, parse_pisa_params, prepare_config, zero_stage
+from .config import BY_ROLE, PISASpec, _load_config, is_pisa_config, parse_pisa_params, prepare_config, zero_stage
 from .layout import partition_layouts
 from .mpu import AgentMPU
 from .nsisa import PartitionOrthogonalizer
@@ -25,7 +25,7 @@ def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None, consensus=N
         kw = dict(consensus=consensus, orthogonalizer=orthogonalizer, **spec.kwargs)
         if spec.auto_groups:
             if model is None:
-                raise ValueError('pisa_zero.deepspeed: "param_groups": "auto" needs the model')
+                raise ValueError(f'pisa_zero.deepspeed: "param_groups": "{BY_ROLE}" needs the model')
             return PISA(spec.groups(model), **kw)
         return PISA(model_parameters, **kw)
 
