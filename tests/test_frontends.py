@@ -71,6 +71,11 @@ with open(f"report_{{_os.environ['RANK']}}.json", "w") as _f:
 """
 
 
+def printed_losses(out: str) -> list[float]:
+    """The ``step N loss X`` lines the pages' scripts print (rank 0, or every rank where accelerate cannot tell)."""
+    return [float(x) for x in re.findall(r"step \d+ loss (\d+\.\d+)", out)]
+
+
 def check_nsisa_and_adamw(report: dict, lr_ref: float) -> None:
     """The groups configs/pisa_zero3.json asks for, on 2 ZeRO-3 ranks with NSISA's whole-matrix routing."""
     assert report["optimizer"] == "PISA" and report["dp_world_size"] == 2
@@ -142,6 +147,50 @@ def test_accelerate_with_deepspeed_plugin_trains_the_shipped_nsisa_json(tmp_path
         report = json.loads((tmp_path / f"report_{rank}.json").read_text())
         report["losses"] = report["losses"][::5]
         check_nsisa_and_adamw(report, lr_ref=1 / 130)  # no "lr" in the JSON: PISA's 1/(σ+ρ)
+
+
+@pytest.mark.slow
+def test_deepspeed_script_trains_the_shipped_nsisa_json(tmp_path):
+    """docs/deepspeed.md's script under `deepspeed --num_gpus 2` (CPU) with configs/pisa_zero3.json as shipped."""
+    require("deepspeed")
+    require("transformers")
+    script = snippet("deepspeed.md", "deepspeed_script")
+    (tmp_path / "train_ds.py").write_text(script + DEEPSPEED_REPORT.format(engine="engine", losses="[]"))
+    config = str(ROOT / "configs" / "pisa_zero3.json")
+    with HeldPort() as held:
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(held.port), "train_ds.py"]
+        out = run([*cmd, "--deepspeed_config", config], tmp_path)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"report_{rank}.json").read_text())
+        report["losses"] = printed_losses(out)
+        check_nsisa_and_adamw(report, lr_ref=1 / 130)
+
+
+@pytest.mark.slow
+def test_fsdp2_script_trains_under_torchrun(tmp_path):
+    """docs/fsdp2.md's script under `torchrun --nproc_per_node 2` (gloo): NSISA + AdamW on the FSDP2 shards."""
+    require("transformers")
+    script = snippet("fsdp2.md", "fsdp2_script")
+    report = """
+import json as _json
+_names = {id(p): n for n, p in model.named_parameters()}
+_groups = [dict(preconditioner=g["preconditioner"], names=sorted(_names[id(p)] for p in g["params"]))
+           for g in optimizer.param_groups]
+with open(f"report_{rank}.json", "w") as _f:
+    _json.dump({"groups": _groups, "world": world}, _f)
+"""
+    (tmp_path / "train_fsdp2.py").write_text(
+        script.replace("dist.destroy_process_group()", report + "dist.destroy_process_group()")
+    )
+    with HeldPort() as held:
+        out = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(held.port), "train_fsdp2.py"], tmp_path)
+    losses = printed_losses(out)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"report_{rank}.json").read_text())
+        nsisa, aux = report["groups"]
+        assert report["world"] == 2 and (nsisa["preconditioner"], aux["preconditioner"]) == ("nsisa", "adamw")
+        assert len(nsisa["names"]) == 8 and all(BLOCK_MATRIX.fullmatch(n) for n in nsisa["names"])
 
 
 PLAIN_REPORT = """
