@@ -120,7 +120,7 @@ def orthogonalize_batched(directions: list[Tensor], steps: int, compute_dtype: t
     out: list[Tensor] = list(directions)
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(directions):
-        if u.ndim == 2:
+        if u.ndim == 2 and u.numel():  # an empty matrix has nothing to orthogonalise
             by_shape.setdefault((*u.shape, u.dtype), []).append(i)
     for (rows, cols, _), indices in by_shape.items():
         per_batch = max(1, NS_BATCH_ELEMENTS // (rows * cols))

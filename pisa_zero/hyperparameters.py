@@ -3,6 +3,7 @@ error that names the key, so that hosts can name it in their own terms (the Deep
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 
@@ -70,3 +71,19 @@ def validate_group(group: dict, where: str = "") -> None:
         _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
     _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)
     _check_range("weight_decay", group["weight_decay"], finite_nonneg, "a finite weight_decay >= 0", where)
+
+
+#: Keys PISA writes into its own groups besides the constructor's defaults.
+BOOKKEEPING_KEYS = ("params", "lr_ref", "local_calls", "round_tokens", "prox_sigma", "centred_dual")
+
+
+def check_group_keys(group: dict, known: set[str], where: str = "") -> None:
+    """ValueError for a key that is not PISA's but is close to one of PISA's (``sigmaa``, ``prox_sigmaa``): it would
+    be carried and never read. Other unknown keys stay: hosts and schedulers keep their own in param groups (Megatron's
+    ``wd_mult`` and ``max_lr``, a scheduler's ``initial_lr``, a ``name``)."""
+    for key in group:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"PISA: unknown key {key!r}{where}: did you mean {close[0]!r}? (PISA would never read it)")

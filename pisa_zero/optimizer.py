@@ -19,7 +19,7 @@ from . import functional as F
 from ._utils import comm_device, compiled_available, dist_on
 from ._utils import local as _local
 from .consensus import control_all_reduce
-from .hyperparameters import HyperparameterError, validate_group
+from .hyperparameters import BOOKKEEPING_KEYS, HyperparameterError, check_group_keys, validate_group
 from .local_steps import ANCHOR_DEVICES as LOCAL_ANCHOR_DEVICES
 from .local_steps import LocalRounds
 from .orthogonalizer import default_orthogonalizer
@@ -167,9 +167,15 @@ class PISA(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        where = f" in param group {len(self.param_groups)}"
+        check_group_keys(param_group, {*self.defaults, *BOOKKEEPING_KEYS}, where)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):  # torch only warns; PISA would step such a tensor twice
+            raise ValueError(f"PISA: a parameter appears twice{where} (a tied weight is one parameter: list it once)")
+        super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
-        validate_group(group, f" in param group {len(self.param_groups) - 1}")
+        validate_group(group, where)
         if group["lr"] is None:
             group["lr"] = 1.0 / (group["sigma"] + group["rho"])
         group.setdefault("lr_ref", group["lr"])
