@@ -245,10 +245,17 @@ def test_repository_configs_are_the_packaged_ones():
 
 def test_wheel_ships_the_configs(tmp_path):
     """A wheel built from the tree holds every JSON the README tells users to run, byte for byte."""
+    import shutil
+
     import pisa_zero.configs as configs
 
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "pisa_zero", source / "pisa_zero", ignore=shutil.ignore_patterns("__pycache__"))
     cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
-    subprocess.run([*cmd, str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*cmd, str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("pisa_zero-*.whl")
     with zipfile.ZipFile(wheel) as z:
         for name in configs.names():
