@@ -69,13 +69,17 @@ class StepScalars:
 
 def newton_schulz(matrix: Tensor, steps: int = 5, compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Quintic Newton–Schulz orthogonalisation of Muon on a matrix or a batch ``(..., rows, cols)``; returns fp32
-    (fp64 for an fp64 input)."""
+    (fp64 for an fp64 input).
+
+    The edges stay in the arithmetic dtype (fp32): the Frobenius normalisation (its ``1e-7`` guard keeps a zero or
+    tiny matrix finite) before the iterations, the cast back after them. Only the iterations' matmuls run in
+    ``compute_dtype`` (bf16 where the hardware multiplies it fast, as Muon does)."""
     a, b, c = NS_COEFFICIENTS
-    x = matrix.to(compute_dtype)
+    x = matrix.to(arithmetic_dtype(matrix))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    x = (x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(compute_dtype)
     for _ in range(steps):
         gram = x @ x.mT
         poly = b * gram + c * (gram @ gram)
@@ -91,11 +95,34 @@ def orthogonalize(momentum: Tensor, steps: int = 5, compute_dtype: torch.dtype =
     return newton_schulz(momentum, steps, compute_dtype) * math.sqrt(max(1.0, rows / cols))
 
 
-def ns_compute_dtype(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are slow and inexact there); bf16 on accelerators, as Muon does; fp64 for fp64."""
+#: ``ns_dtype`` values: the Newton–Schulz iterations' precision ("auto": bf16 where :func:`bf16_matmul_is_fast`).
+NS_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX, which oneDNN uses for bf16 matmuls (elsewhere a CPU converts bf16 to fp32 and back)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_matmul_is_fast(device: torch.device) -> bool:
+    """Accelerators (CUDA and the rest) and CPUs with AVX512-BF16 or AMX."""
+    return device.type != "cpu" or _cpu_has_fast_bf16()
+
+
+def ns_compute_dtype(device: torch.device, dtype: torch.dtype = torch.float32, ns_dtype: str = "auto") -> torch.dtype:
+    """The dtype of the Newton–Schulz matmuls: fp64 for fp64 tensors; else ``ns_dtype`` ("float32", "bfloat16"),
+    or for "auto" bf16 where the device multiplies bf16 fast and fp32 elsewhere."""
     if dtype == torch.float64:
         return torch.float64
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if ns_dtype == "auto":
+        return torch.bfloat16 if bf16_matmul_is_fast(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
 
 
 def nesterov_momentum(grads: list[Tensor], momenta: list[Tensor], mu: float, nesterov: bool) -> list[Tensor]:

@@ -67,6 +67,8 @@ def validate_group(group: dict, where: str = "") -> None:
             _check_range("prox_sigma", group["prox_sigma"], ok, "None or a finite prox_sigma > 0", where)
         if not isinstance(group.get("centred_dual", False), bool):
             raise ValueError(f"PISA: invalid centred_dual={group['centred_dual']!r}{where}: expected True or False")
+        if group.get("ns_dtype", "auto") not in F.NS_DTYPES:
+            raise HyperparameterError("ns_dtype", group["ns_dtype"], f"one of {F.NS_DTYPES}", where)
         ns = group["ns_steps"]
         _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
     _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)

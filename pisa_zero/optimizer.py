@@ -78,6 +78,9 @@ class PISA(torch.optim.Optimizer):
         l2_lambda: λ ≥ 0, the server-side ℓ2 term of the consensus.
         weight_decay: decoupled weight decay (w ← w (1 − lr·wd) before the step).
         ns_steps: Newton–Schulz iterations (nsisa).
+        ns_dtype: precision of the Newton–Schulz matmuls (nsisa): "auto" (bf16 on accelerators and on CPUs with
+            AVX512-BF16/AMX, as Muon; fp32 elsewhere), "float32" or "bfloat16". The momentum, the normalisation and
+            everything after O stay fp32 (fp64 tensors use fp64 throughout).
         implementation: "single", "foreach", "compiled", or None for the fastest that works on the device.
         state_dtype: dtype of π, v and b (fp32 default, fp64 for fp64 parameters; bf16 halves their memory at the
             cost of rounding). The arithmetic is fp32, or fp64 for fp64 parameters.
@@ -110,6 +113,7 @@ class PISA(torch.optim.Optimizer):
         l2_lambda: float = 0.0,
         weight_decay: float = 0.0,
         ns_steps: int = 5,
+        ns_dtype: str = "auto",
         implementation: str | None = None,
         state_dtype: torch.dtype | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -143,6 +147,7 @@ class PISA(torch.optim.Optimizer):
             l2_lambda=l2_lambda,
             weight_decay=weight_decay,
             ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
             betas=betas,
         )
         if local_steps > 1:  # round variants (pisa_zero.local_steps); with H = 1 there is no round to vary
@@ -345,7 +350,8 @@ class PISA(torch.optim.Optimizer):
         """O = NS5(g + μ b)·scale for whole matrices, u itself for other tensors; momentum b updated in place."""
         grads, momenta = [_local(p.grad) for p in params], [_local(s["momentum"]) for s in states]
         us = F.nesterov_momentum(grads, momenta, group["momentum"], group["nesterov"])
-        return self._orthogonalizer(params, us, group["ns_steps"])
+        compute_dtype = F.ns_compute_dtype(us[0].device, us[0].dtype, group.get("ns_dtype", "auto"))
+        return self._orthogonalizer(params, us, group["ns_steps"], compute_dtype)
 
     def _adamw_group(self, group: dict, params: list[Tensor]) -> None:
         """torch's own functional AdamW (fused where the device has the kernel, else foreach; ``single``: the

@@ -1,8 +1,9 @@
 """How NSISA gets ``O = NS5(u)`` for whole matrices: one strategy per host layout, chosen when PISA is built (as
 Distributed Shampoo chooses a distributor), never switched inside ``step()``.
 
-A strategy is called as ``strategy(params, directions, ns_steps) -> list[Tensor]``: ``params`` are the optimizer's
-tensors of one nsisa group, ``directions`` this rank's ``u = g + μb`` for each (local shards for DTensors), and it
+A strategy is called as ``strategy(params, directions, ns_steps, compute_dtype) -> list[Tensor]``: ``params`` are
+the optimizer's tensors of one nsisa group, ``directions`` this rank's ``u = g + μb`` for each (local shards for
+DTensors), ``compute_dtype`` the Newton–Schulz matmuls' dtype (PISA picks it from the group's ``ns_dtype``), and it
 returns, per tensor, this rank's part of O (u itself where the tensor is not a matrix). Three exist:
 
 - :class:`LocalOrthogonalizer` — whole tensors on this rank (single process, DDP, mode B with k = 1);
@@ -33,7 +34,7 @@ class LocalOrthogonalizer:
     def __init__(self, known_params: set[int]):
         self.known_params = known_params
 
-    def __call__(self, params: list[Tensor], directions: list[Tensor], ns_steps: int) -> list[Tensor]:
+    def __call__(self, params: list[Tensor], directions: list[Tensor], ns_steps: int, compute_dtype) -> list[Tensor]:
         for p in params:
             if _is_matrix_partition(p) or (p.ndim == 1 and id(p) not in self.known_params):
                 raise ValueError(
@@ -42,8 +43,7 @@ class LocalOrthogonalizer:
                     "matrices; Newton–Schulz cannot run on a slice. Use pisa_zero's DeepSpeed integration, which "
                     "routes whole matrices, or put this group on an elementwise preconditioner ('sisa')."
                 )
-        u = directions[0]
-        return F.orthogonalize_batched(directions, ns_steps, F.ns_compute_dtype(u.device, u.dtype))
+        return F.orthogonalize_batched(directions, ns_steps, compute_dtype)
 
 
 class DTensorOrthogonalizer:
@@ -53,8 +53,7 @@ class DTensorOrthogonalizer:
     def __init__(self):
         self._routers: dict = {}
 
-    def __call__(self, params: list[Tensor], directions: list[Tensor], ns_steps: int) -> list[Tensor]:
-        compute_dtype = F.ns_compute_dtype(directions[0].device, directions[0].dtype)
+    def __call__(self, params: list[Tensor], directions: list[Tensor], ns_steps: int, compute_dtype) -> list[Tensor]:
         return orthogonalize_sharded(params, directions, ns_steps, compute_dtype, self._routers)
 
 

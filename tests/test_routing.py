@@ -99,16 +99,16 @@ def test_pisa_chooses_the_orthogonalizer_at_construction():
     assert isinstance(PISA([w], preconditioner="nsisa")._orthogonalizer, LocalOrthogonalizer)
     calls = []
 
-    def spy(params, directions, ns_steps):  # a host's strategy: called with PISA's params, u and ns_steps
-        calls.append((params, ns_steps))
-        return F.orthogonalize_batched(directions, ns_steps, torch.float32)
+    def spy(params, directions, ns_steps, compute_dtype):  # a host's strategy: PISA's params, u, ns_steps, dtype
+        calls.append((params, ns_steps, compute_dtype))
+        return F.orthogonalize_batched(directions, ns_steps, compute_dtype)
 
     w2 = torch.nn.Parameter(w.detach().clone())
     default, custom = PISA([w], preconditioner="nsisa"), PISA([w2], preconditioner="nsisa", orthogonalizer=spy)
     for p, opt in ((w, default), (w2, custom)):
         p.grad = torch.ones_like(p)
         opt.step()
-    assert calls == [([w2], 5)] and torch.equal(w, w2)
+    assert calls == [([w2], 5, F.ns_compute_dtype(w.device))] and torch.equal(w, w2)
 
 
 def test_newton_schulz_batches_are_bounded_and_change_nothing(monkeypatch):

@@ -37,6 +37,7 @@ GROUP_OPTION_KEYS = (
     "nesterov",
     "l2_lambda",
     "ns_steps",
+    "ns_dtype",
 )
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 #: ``"param_groups"`` value that routes block matrices to ``preconditioner`` and the rest to ``other_preconditioner``
@@ -52,6 +53,7 @@ READ_BY = {
     "momentum": {"nsisa"},
     "nesterov": {"nsisa"},
     "ns_steps": {"nsisa"},
+    "ns_dtype": {"nsisa"},
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ... import functional as F
 from ...routing import MatrixRouter, Piece
 from .layout import PartitionLayout
 
@@ -26,7 +25,7 @@ class PartitionOrthogonalizer:
         self.layouts = layouts
         self._routes = {}
 
-    def __call__(self, params, directions, ns_steps: int) -> list[torch.Tensor]:
+    def __call__(self, params, directions, ns_steps: int, compute_dtype: torch.dtype) -> list[torch.Tensor]:
         if self.layouts is None:
             raise ValueError("PISA: nsisa's DeepSpeed orthogonalizer was never bound to an engine's partition layout")
         out = []
@@ -41,7 +40,7 @@ class PartitionOrthogonalizer:
             u = u.float()
             result = u.clone()
             local = [u[pc.local_start : pc.local_start + pc.numel] for pc in mine]
-            ortho = router.orthogonalize(local, ns_steps, F.ns_compute_dtype(u.device), dtype=u.dtype, device=u.device)
+            ortho = router.orthogonalize(local, ns_steps, compute_dtype, dtype=u.dtype, device=u.device)
             for pc, o in zip(mine, ortho):
                 result[pc.local_start : pc.local_start + pc.numel] = o
             out.append(result)

@@ -28,6 +28,7 @@ PISA_KEYS = (
     "eps",
     "l2_lambda",
     "ns_steps",
+    "ns_dtype",
     "implementation",
     "state_dtype",
 )

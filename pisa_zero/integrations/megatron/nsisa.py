@@ -52,14 +52,13 @@ class ShardOrthogonalizer:
         self._ids = [id(p) for p in shards]
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
-    def __call__(self, params, directions, ns_steps: int) -> list[torch.Tensor]:
+    def __call__(self, params, directions, ns_steps: int, compute_dtype: torch.dtype) -> list[torch.Tensor]:
         if self.router is None or [id(p) for p in params] != self._ids:
             raise ValueError(
                 "PISA (Megatron): nsisa was handed tensors that are not the DistributedOptimizer's shards it was "
                 "bound to (build the optimizer with pisa_zero.integrations.megatron.get_pisa_optimizer)"
             )
-        u = directions[0]
-        return self.router.orthogonalize(directions, ns_steps, F.ns_compute_dtype(u.device, u.dtype))
+        return self.router.orthogonalize(directions, ns_steps, compute_dtype)
 
     def join_if_empty(self, param_groups: list[dict]) -> None:
         group = param_groups[self.group_index]
@@ -67,7 +66,8 @@ class ShardOrthogonalizer:
             return
         device = self._device or torch.device("cpu")
         dtype = torch.float32
-        self.router.orthogonalize([], group["ns_steps"], F.ns_compute_dtype(device, dtype), dtype=dtype, device=device)
+        compute_dtype = F.ns_compute_dtype(device, dtype, group.get("ns_dtype", "auto"))
+        self.router.orthogonalize([], group["ns_steps"], compute_dtype, dtype=dtype, device=device)
 
 
 def check_nsisa(config, tp_group, dense: list[dict], expert: list[dict]) -> None:
