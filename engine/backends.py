@@ -1,7 +1,8 @@
 """The three back ends of engine/train.py behind one small interface.
 
     backend.forward(x) -> logits          backend.backward(loss)       backend.save(dir, extra)
-    backend.step(flags, veto) -> (stepped on every rank, flags summed over ranks)   backend.load(dir) -> extra
+    backend.step(flags, veto) -> (stepped on every rank, flags summed over ranks)
+    backend.load(dir, allow_unverified) -> extra
     backend.param_groups (every group; ``lr_ref`` and ``name`` set)     backend.grad_norm()
     backend.pisa  (the PISA optimizer, None for a baseline)  backend.monitor (pisa_zero.monitor.Diagnostics or None)
 
@@ -9,12 +10,11 @@
 (mode A over all ranks, or mode B with ``--agents``); ``deepspeed`` builds the engine with
 `pisa_zero.deepspeed.initialize` from the JSON config. The optimizer is PISA or, with ``--optimizer adamw|muon``
 (DeepSpeed: the JSON's ``optimizer.type``), the baseline it is compared with, on the same data, schedule, logging and
-checkpoints.
+checkpoints. The DeepSpeed JSON as the engine reads it: engine/dsconfig.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import pisa_zero
-from engine.flags import BASELINE_FLAGS, PISA_FLAGS
+from engine.dsconfig import DEEPSPEED_TYPES, deepspeed_config  # noqa: F401  (re-exported: the JSON as read here)
 from pisa_zero import checkpoint
 from pisa_zero._utils import all_reduce_sum
 from pisa_zero.consensus import AgentTopology
@@ -150,8 +150,8 @@ class Single:
     def save(self, path: str, extra: dict) -> None:
         checkpoint.save(path, self.model, self._optimizer_arg(), extra=extra)
 
-    def load(self, path: str) -> dict:
-        return checkpoint.load(path, self.model, self._optimizer_arg()) or {}
+    def load(self, path: str, allow_unverified: bool = False) -> dict:
+        return checkpoint.load(path, self.model, self._optimizer_arg(), allow_unverified=allow_unverified) or {}
 
 
 class FSDP2(Single):
@@ -187,129 +187,6 @@ class FSDP2(Single):
     def set_local_batch(self, n: int):
         if self.topology is not None:
             self.pisa.set_local_batch_size(n)
-
-
-#: --optimizer values and the DeepSpeed ``optimizer.type`` that selects each (case-insensitive, as DeepSpeed reads it)
-DEEPSPEED_TYPES = {"pisa": "PISA", "adamw": "AdamW", "muon": "Muon"}
-#: optimizer.params keys of DeepSpeed's Muon (engine.py ``_MUON_HALF_KEYS`` / ``_ADAM_HALF_KEYS`` and the lr overrides)
-MUON_KEYS = ("lr", "momentum", "weight_decay", "ns_method", "betas", "eps", "muon_lr", "adam_lr")
-#: optimizer.params keys DeepSpeed's AdamW takes besides torch.optim.AdamW's
-ADAMW_DEEPSPEED_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states")
-
-
-def _override(params: dict, explicit: set[str], args, pairs) -> None:
-    """Write each explicitly given flag into its key: a flag overrides only what it names."""
-    for flag, key in pairs:
-        if flag in explicit:
-            params[key] = getattr(args, flag)
-
-
-def _check_params(source: str, kind: str, params: dict) -> None:
-    """Reject what DeepSpeed or PISA would reject (or silently ignore), naming the file and the key."""
-    if kind == "pisa":
-        from pisa_zero.deepspeed import parse_pisa_params
-
-        try:
-            parse_pisa_params(params)
-        except ValueError as e:
-            raise ValueError(f"invalid {source}: {e}") from e
-        return
-    if kind == "muon":
-        unknown = sorted(set(params) - set(MUON_KEYS))
-        if unknown:
-            raise ValueError(f"invalid {source}: unknown key optimizer.params.{unknown[0]!r}; Muon takes {MUON_KEYS}")
-        momentum = params.get("momentum", 0.95)
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"invalid {source}: optimizer.params.momentum={momentum!r}: expected a number in [0, 1)")
-        params = {k: v for k, v in params.items() if k in ("lr", "weight_decay", "betas", "eps")}
-    try:
-        torch.optim.AdamW([torch.zeros(1)], **{k: v for k, v in params.items() if k not in ADAMW_DEEPSPEED_KEYS})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid {source}: optimizer.params: {e}") from e
-
-
-def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) -> dict:
-    """The JSON config with the command line's explicit flags applied (each overrides only the key it names) and
-    TensorBoard turned on. ``optimizer.type`` (PISA, AdamW or Muon) selects the optimizer; it is read exactly as
-    `pisa_zero.deepspeed.build_optimizer` (PISA) or DeepSpeed (AdamW, Muon) read it."""
-    source = args.deepspeed_config
-    with open(source) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"invalid {source}: not JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"invalid {source}: expected a JSON object, got {type(config).__name__}")
-    if "batch_size" in explicit or "train_micro_batch_size_per_gpu" not in config:
-        config["train_micro_batch_size_per_gpu"] = args.batch_size
-    if "grad_accum" in explicit or "gradient_accumulation_steps" not in config:
-        config["gradient_accumulation_steps"] = args.grad_accum
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"invalid {source}: {key}={value!r}: expected an integer >= 1")
-    if config.pop("train_batch_size", None) is not None:
-        say(
-            "[pisa_zero] the config's train_batch_size is dropped: DeepSpeed derives it from "
-            "train_micro_batch_size_per_gpu x gradient_accumulation_steps x data-parallel ranks"
-        )
-    args.batch_size = config["train_micro_batch_size_per_gpu"]
-    args.grad_accum = config["gradient_accumulation_steps"]
-    opt = config.setdefault("optimizer", {"type": "PISA", "params": {}})
-    kind = str(opt.get("type", "")).lower()
-    if kind not in DEEPSPEED_TYPES:
-        raise ValueError(f"invalid {source}: optimizer.type={opt.get('type')!r}: expected one of PISA, AdamW, Muon")
-    if "optimizer" in explicit and args.optimizer != kind:
-        raise ValueError(
-            f"--optimizer {args.optimizer} contradicts {source}'s optimizer.type={opt['type']!r}: "
-            "under DeepSpeed the config's type selects the optimizer; change one of them"
-        )
-    args.optimizer = kind
-    for flag in sorted(set(PISA_FLAGS if kind != "pisa" else BASELINE_FLAGS) & explicit):
-        raise ValueError(f"--{flag.replace('_', '-')} has no effect with {source}'s optimizer.type={opt['type']!r}")
-    if kind != "pisa" and args.agents > 1:
-        raise ValueError(f"--agents {args.agents} is PISA's mode B; {source}'s optimizer.type={opt['type']!r}")
-    params = opt.setdefault("params", {})
-    if kind == "pisa":
-        _override(params, explicit, args, [(k, k) for k in ("sigma", "rho", "momentum", "beta2", "l2_lambda")])
-        _override(params, explicit, args, [(k, k) for k in ("weight_decay", "agents", "local_steps")])
-        _override(params, explicit, args, [(k, k) for k in ("prox_sigma", "centred_dual")])
-        _override(params, explicit, args, [(k, k) for k in ("matrix_preconditioner", "other_preconditioner")])
-        if "implementation" in explicit:
-            params["implementation"] = pisa_options(args)["implementation"]
-        if {"aux_lr", "aux_weight_decay"} & explicit:
-            _override(params.setdefault("other_options", {}), explicit, args, [("aux_lr", "lr")])
-            _override(params["other_options"], explicit, args, [("aux_weight_decay", "weight_decay")])
-        if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
-            say(
-                "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
-                "with one agent's gradient norm)"
-            )
-            config["gradient_clipping"] = 0.0
-    elif kind == "adamw":
-        _override(params, explicit, args, [("lr", "lr"), ("weight_decay", "weight_decay")])
-    else:
-        _override(params, explicit, args, [("lr", "muon_lr"), ("aux_lr", "adam_lr"), ("momentum", "momentum")])
-        _override(params, explicit, args, [("weight_decay", "weight_decay")])
-        config.setdefault("zero_allow_untested_optimizer", True)  # the Muon object is handed to DeepSpeed built
-        zero = config.setdefault("zero_optimization", {})
-        if int(zero.get("stage", 0)) == 3 and zero.setdefault("reduce_scatter", False):
-            raise ValueError(
-                f"invalid {source}: DeepSpeed's Muon at ZeRO-3 needs zero_optimization.reduce_scatter false"
-            )
-    _check_params(source, kind, params)
-    # DeepSpeed's own monitor writes its Train/Samples/* scalars next to ours (or nowhere with --no-tensorboard)
-    config["tensorboard"] = {"enabled": bool(logdir), "output_path": logdir or "", "job_name": "deepspeed"}
-    if args.schedule != "config" and config.pop("scheduler", None) is not None:
-        say(
-            f"[pisa_zero] the lr schedule comes from --schedule {args.schedule} / --warmup-steps / --max-steps; "
-            "the config's 'scheduler' is ignored (use --schedule config to keep it)"
-        )
-    if "dtype" in explicit:
-        config["bf16"] = {**config.get("bf16", {}), "enabled": args.dtype == "bf16"}
-    config.setdefault("steps_per_print", 10**9)
-    config.setdefault("wall_clock_breakdown", False)
-    return config
 
 
 def deepspeed_muon(model, params: dict):
@@ -351,11 +228,16 @@ class DeepSpeed:
         self.monitor = Diagnostics(self.engine.optimizer) if self.pisa is not None else None
         consensus = self.pisa.consensus if self.pisa is not None else None
         self.topology = consensus if consensus is not None and consensus.agents > 1 else None
-        self.param_groups = self.pisa.param_groups if self.pisa is not None else self.engine.optimizer.param_groups
         for g in self.param_groups:
             g.setdefault("lr_ref", g["lr"])
             g.setdefault("name", args.optimizer)
         self.can_skip = self.pisa is not None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The optimizer's live groups: loading a checkpoint replaces its group dicts (a list kept from before the
+        load would be written by the schedule and read by no one)."""
+        return self.pisa.param_groups if self.pisa is not None else self.engine.optimizer.param_groups
 
     def train(self, mode: bool = True):
         self.engine.train(mode)
@@ -434,11 +316,19 @@ class DeepSpeed:
                 shutil.rmtree(path)
             os.rename(partial, path)
 
-    def load(self, path: str) -> dict:
+    def load(self, path: str, allow_unverified: bool = False) -> dict:
+        """DeepSpeed's own load; the files were verified against run.json's checksums before (engine/resume.py)."""
         load_path, client = self.engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
         if load_path is None:
             raise ValueError(f"invalid --resume={path!r}: DeepSpeed found no checkpoint there")
         return client.get("extra", {})
+
+
+def build(args, model, device, ds_config: dict | None):
+    """The back end ``args.backend`` names, built on ``model`` (DeepSpeed: from the JSON engine/dsconfig.py read)."""
+    if args.backend == "deepspeed":
+        return DeepSpeed(model, args, device, ds_config)
+    return (FSDP2 if args.backend == "fsdp2" else Single)(model, args, device)
 
 
 def partial_path(path: str) -> str:

@@ -2,8 +2,9 @@
 
 A checkpoint is complete when its ``run.json`` exists: it is written (atomically) after the back end's own files,
 and ``latest`` only after that, also atomically (DeepSpeed is told not to write its own ``latest``, which it rewrites
-in place). ``run.json`` holds what the run was (model, size, vocabulary, optimizer, ...), so a resume with other
-flags fails before anything is loaded, naming the flag.
+in place). ``run.json`` holds what the run was (`engine.resume.settings`: model, size, vocabulary, optimizer, batch,
+schedule, ...), so a resume can honour or refuse each difference (engine/resume.py); for DeepSpeed it also holds the
+SHA-256 of every file of the checkpoint (pisa_zero.checkpoint's own ``pisa_meta.json`` holds them for FSDP2/single).
 """
 
 from __future__ import annotations
@@ -15,49 +16,15 @@ import re
 import shutil
 
 from engine.backends import barrier
+from engine.resume import RUN_FILE
+from pisa_zero import checkpoint
 from pisa_zero.monitor import all_reduce_sum
 
-RUN_FILE = "run.json"
 _STEP = re.compile(r"step_\d{6}")
-
-#: what a checkpoint must agree with to be resumed, and the flag that sets each
-IDENTITY_FLAGS = {
-    "backend": "--backend",
-    "model": "--model",
-    "size": "--size",
-    "vocab_size": "--vocab-size / --data",
-    "block_size": "--block-size",
-    "optimizer": "--optimizer",
-}
-#: DeepSpeed's ZeRO checkpoints hold one file per rank and agent layout (pisa_zero.checkpoint reshards both)
-DEEPSPEED_IDENTITY_FLAGS = {"world": "the number of ranks", "agents": "--agents"}
 
 
 def root(args) -> str:
     return os.path.join(args.out_dir, "checkpoints")
-
-
-def identity(args, world: int, vocab_size: int) -> dict:
-    """What this run is, as far as a checkpoint of it is concerned."""
-    run = {"backend": args.backend, "model": args.model, "size": args.size, "vocab_size": vocab_size}
-    run.update(block_size=args.block_size, optimizer=args.optimizer, world=world, agents=args.agents)
-    return run
-
-
-def check_identity(path: str, run: dict) -> None:
-    """ValueError naming the flag when the checkpoint at ``path`` was written by a different kind of run."""
-    saved_path = os.path.join(path, RUN_FILE)
-    if not os.path.isfile(saved_path):
-        return  # written before run.json existed: the back end's own load is the check
-    with open(saved_path) as f:
-        saved = json.load(f)
-    flags = dict(IDENTITY_FLAGS, **(DEEPSPEED_IDENTITY_FLAGS if run["backend"] == "deepspeed" else {}))
-    for key, flag in flags.items():
-        if key in saved and saved[key] != run[key]:
-            raise ValueError(
-                f"invalid --resume={path}: it was saved with {key}={saved[key]!r} ({flag}), this run has "
-                f"{key}={run[key]!r}; resume with the same {flag}, or start a new --out-dir"
-            )
 
 
 def _complete(path: str) -> bool:
@@ -168,6 +135,8 @@ def save(backend, args, rank: int, step: int, extra: dict, run: dict) -> str:
         if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(folder).free < need:
             raise _no_space(folder, need, shutil.disk_usage(folder).free) from e
         raise
+    if backend.name == "deepspeed":  # DeepSpeed records no checksums of its own: every rank hashes a share
+        run = {**run, "sha256": checkpoint.file_checksums(path, skip=(RUN_FILE,))}
     if rank == 0:
         _write_atomically(os.path.join(path, RUN_FILE), json.dumps(run))
         _write_atomically(os.path.join(folder, "latest"), tag)

@@ -78,7 +78,13 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", choices=FAMILIES, default="gpt2", help="model family (transformers config)")
     m.add_argument("--size", choices=SIZES, default="tiny", help="tiny trains in seconds per step on a CPU")
     m.add_argument("--init-from", default=None, help="a local Hugging Face checkpoint directory (never downloads)")
-    m.add_argument("--block-size", type=int, default=128, help="context length in tokens")
+    m.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        help="context length in tokens; checked before anything is allocated against --init-from's positions, the "
+        "data, and (with --batch-size, --size) a lower bound of the memory one rank needs",
+    )
     m.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
 
     d = p.add_argument_group("data")
@@ -187,7 +193,12 @@ def _schedule_flags(p: argparse.ArgumentParser) -> None:
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation, logging, checkpoints")
-    e.add_argument("--out-dir", default="runs/pisa", help="TensorBoard logs and checkpoints go here")
+    e.add_argument(
+        "--out-dir",
+        default="runs/pisa",
+        help="TensorBoard logs and checkpoints go here; one run at a time (a second run on the same folder is "
+        "refused, naming the holder of <out-dir>/.lock), and it must be writable (checked before training)",
+    )
     e.add_argument("--eval-interval", type=int, default=100, help="steps between validation evals (0: end only)")
     e.add_argument("--eval-windows", type=int, default=64, help="size of the fixed held-out set, in sequences")
     e.add_argument("--log-interval", type=int, default=10, help="steps between train/* and perf/* scalars")
@@ -202,7 +213,17 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         const="latest",
         default=None,
         help="continue from <out-dir>/checkpoints/latest (or the newest complete checkpoint when latest is "
-        "unusable), or from the checkpoint directory given",
+        "unusable), or from the checkpoint directory given. A setting that differs from the checkpoint's is honoured "
+        "(logged with both values: the optimizer's hyper-parameters, batch, seed, schedule) or refused naming the "
+        "flag (what the saved state is: model, sizes, --optimizer, preconditioners, --local-steps, --centred-dual); "
+        "docs/engine.md",
+    )
+    e.add_argument(
+        "--allow-unverified-checkpoint",
+        action="store_true",
+        help="--resume from a checkpoint whose files cannot be verified (its pisa_meta.json, or a DeepSpeed "
+        "checkpoint's run.json, records no SHA-256 checksums: lost, or written before they existed); refused "
+        "otherwise. Its tensors are then only checked to be finite",
     )
     e.add_argument(
         "--max-nonfinite",

@@ -6,7 +6,8 @@
 
 One optimizer step: ``train_step`` (lr schedule, forward/backward over the micro-steps, one all-reduce of loss and
 flags, step or skip on every rank) → ``log`` → ``evaluate_and_checkpoint`` → stop? Flags: engine/flags.py; back ends:
-engine/backends.py; checkpoints: engine/checkpoints.py; stops: engine/stops.py; the fault-injection aid:
+engine/backends.py; checkpoints: engine/checkpoints.py, resuming: engine/resume.py; the run folder's lock and
+writability: engine/rundir.py; size checks: engine/sizes.py; stops: engine/stops.py; the fault-injection aid:
 engine/faults.py.
 """
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine import backends, checkpoints
+from engine import backends, checkpoints, resume, rundir, sizes
 from engine.data import Batches, load_corpus, partition_domains, val_windows
 from engine.faults import Faults
 from engine.flags import parse_args
@@ -124,12 +125,6 @@ def load_data(args, rank: int):
     corpus = load_corpus(args.data, args.cache_dir, **kw) if rank == 0 else None
     backends.barrier()
     return corpus if corpus is not None else load_corpus(args.data, args.cache_dir, **kw)
-
-
-def build_backend(args, model, device, ds_config):
-    if args.backend == "deepspeed":
-        return backends.DeepSpeed(model, args, device, ds_config)
-    return (backends.FSDP2 if args.backend == "fsdp2" else backends.Single)(model, args, device)
 
 
 @dataclass
@@ -328,15 +323,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    with rundir.claim(args, rank, say=log):  # writable folders and the run folder's lock, before any work
+        return pretrain(args, rank, world, device, log)
+
+
+def pretrain(args, rank, world, device, log) -> int:
+    """Everything after the ranks are up and the run folder is claimed: checks, build, resume, the loop."""
     torch.manual_seed(args.seed)
     logdir = None if args.no_tensorboard else os.path.join(args.out_dir, "tensorboard")
     # the DeepSpeed JSON is read (and checked) first: it decides the optimizer, batch size and accumulation
     ds_config = backends.deepspeed_config(args, args.explicit, logdir, log) if args.backend == "deepspeed" else None
     corpus = load_data(args, rank)
-    run_identity = checkpoints.identity(args, world, corpus.vocab_size)
+    sizes.check(args, corpus, world, device, ds_config)  # size flags against the model, data and memory
+    run_settings = resume.settings(args, world, corpus.vocab_size, ds_config)
     resume_from = checkpoints.resolve_resume(args, say=log)
-    if resume_from:
-        checkpoints.check_identity(resume_from, run_identity)
+    if resume_from:  # refused settings and unverifiable files fail here, before anything is built
+        resume.check(resume_from, run_settings, args, say=log)
 
     model = build_model(
         args.model,
@@ -347,7 +349,7 @@ def main(argv=None) -> int:
         init_from=args.init_from,
     )
     n_params = count_parameters(model)  # before ZeRO-3 partitions it
-    backend = build_backend(args, model, device, ds_config)
+    backend = backends.build(args, model, device, ds_config)
     backend.train(True)
     tb = TensorBoard(logdir, enabled=rank == 0 and logdir is not None)
     bar = None
@@ -356,9 +358,9 @@ def main(argv=None) -> int:
 
         bar = tqdm(total=args.max_steps, dynamic_ncols=True, desc="train", file=sys.stdout)
     say = bar.write if bar is not None else log
-    trainer = Trainer(args, backend, corpus, rank, world, device, run_identity, say, tb, bar)
+    trainer = Trainer(args, backend, corpus, rank, world, device, run_settings, say, tb, bar)
     if resume_from:
-        extra = backend.load(resume_from)
+        extra = resume.load(backend, resume_from, args, say=log)
         trainer.step, trainer.tokens = extra["step"], extra["tokens"]
         trainer.nonfinite_total = extra.get("nonfinite", 0)
         if bar is not None:

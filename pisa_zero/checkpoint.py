@@ -15,7 +15,10 @@ at the previous complete checkpoint (an orphaned ``<path>.v-*`` directory may re
 Verified: ``save`` refuses (ValueError naming the tensor, nothing written) when a weight or state tensor is inf/NaN,
 so a diverged run never replaces the last good checkpoint. ``pisa_meta.json`` records the SHA-256 of every other file
 (``sha256sum`` can check them by hand); ``load`` re-hashes them before reading any tensor (each rank a share of the
-files) and refuses a corrupted or missing file by name, then refuses a non-finite loaded tensor by name.
+files) and refuses a corrupted or missing file by name, then refuses a non-finite loaded tensor by name. A checkpoint
+whose ``pisa_meta.json`` records no checksums cannot be verified: ``load`` refuses it, naming that file, unless
+``allow_unverified=True`` (then it warns, and only the finite check guards the tensors). ``file_checksums`` and
+``verify_checksums`` are the same two steps for any folder (the engine checksums DeepSpeed's checkpoints with them).
 
 Resharding on load:
 - the shard count k changes freely (DCP reshards DTensors and plain tensors; 4 ranks → 2 → 1 process);
@@ -107,12 +110,12 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _checkpoint_files(version: str) -> list[str]:
-    """Every file of a checkpoint but its META, relative and sorted (the same list on every rank)."""
+def _checkpoint_files(version: str, skip: tuple[str, ...] = (META,)) -> list[str]:
+    """Every file of a checkpoint but ``skip`` (its META), relative and sorted (the same list on every rank)."""
     found = []
     for root, _, names in os.walk(version):
         found += [os.path.relpath(os.path.join(root, n), version) for n in names]
-    return sorted(f for f in found if f != META)
+    return sorted(f for f in found if f not in skip)
 
 
 def _my_share(files: list[str]) -> list[str]:
@@ -176,8 +179,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, extra: dict | Non
     os.makedirs(os.path.join(version, "extra"), exist_ok=True)
     torch.save(extra or {}, os.path.join(version, "extra", f"rank{_rank()}.pt"))
     _barrier()  # every rank's files are in place
-    sums = {f: _sha256(os.path.join(version, f)) for f in _my_share(_checkpoint_files(version))}
-    sums = {f: h for share in _all_ranks(sums) for f, h in share.items()}
+    sums = file_checksums(version)
     if _rank() == 0:  # META last: its presence marks a complete checkpoint
         with open(os.path.join(version, META), "w") as f:
             meta = {"format": FORMAT, "agents": agents, "alphas": alphas, "local_weights": local}
@@ -232,26 +234,49 @@ def _empty_like_tree(tree):
     return tree
 
 
-def _verify_files(path: str, sums: dict | None) -> None:
-    """Collective: every file listed in META exists and has its recorded SHA-256 (each rank hashes a share).
-    Checkpoints written before checksums existed (no ``sha256``) rely on the finite check after loading."""
-    if sums is None:
-        return
+def file_checksums(folder: str, skip: tuple[str, ...] = (META,)) -> dict[str, str]:
+    """Collective: {relative name: SHA-256} of every file under ``folder`` but ``skip``, each rank hashing a share
+    (every rank must see the same files: a shared folder, after a barrier)."""
+    sums = {f: _sha256(os.path.join(folder, f)) for f in _my_share(_checkpoint_files(folder, skip))}
+    return dict(sorted((f, h) for share in _all_ranks(sums) for f, h in share.items()))
+
+
+def verify_checksums(folder: str, sums: dict, what: str = "checkpoint.load", record: str = "the checkpoint") -> None:
+    """Collective: ValueError on every rank, naming each file, unless every file in ``sums`` exists under ``folder``
+    with the SHA-256 recorded for it in ``record`` (each rank hashes a share)."""
     problems = []
     for name in _my_share(sorted(sums)):
-        file = os.path.join(path, name)
+        file = os.path.join(folder, name)
         if not os.path.isfile(file):
             problems.append(f"{file} is missing")
         elif _sha256(file) != sums[name]:
-            problems.append(f"{file} is corrupted (its SHA-256 differs from the one recorded in {META} at save time)")
+            problems.append(f"{file} is corrupted (its SHA-256 differs from the one recorded in {record} at save time)")
     problems = [p for share in _all_ranks(problems) for p in share]
     if problems:
-        raise ValueError(f"checkpoint.load: {path!r} failed verification: " + "; ".join(problems))
+        raise ValueError(f"{what}: {folder!r} failed verification: " + "; ".join(problems))
 
 
-def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
+def _verify_files(path: str, meta_path: str, sums: dict | None, allow_unverified: bool) -> None:
+    """Collective: every file listed in META exists and has its recorded SHA-256. A META without ``sha256`` (lost,
+    or written before checksums existed) cannot be verified: refused unless ``allow_unverified``."""
+    if sums is None:
+        if not allow_unverified:
+            raise ValueError(
+                f"checkpoint.load: {meta_path} records no sha256 checksums, so the files of {path!r} cannot be "
+                "verified; refusing to load them (pass allow_unverified=True to load them anyway, guarded only by "
+                "the finite check)"
+            )
+        warnings.warn(
+            f"checkpoint.load: {meta_path} records no sha256 checksums; loading unverified files", stacklevel=3
+        )
+        return
+    verify_checksums(path, sums, record=META)
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer, *, allow_unverified: bool = False) -> dict:
     """Load ``path`` into ``model`` and ``optimizer`` (every rank calls it); returns this rank's ``extra``
-    (rank 0's when the checkpoint had fewer ranks)."""
+    (rank 0's when the checkpoint had fewer ranks). ``allow_unverified``: load a checkpoint whose META records no
+    checksums (with a warning) instead of refusing it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -266,7 +291,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer) -> dict:
         raise ValueError(f"checkpoint.load: cannot read {meta_path}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint.load: unsupported format in {meta_path}")
-    _verify_files(path, meta.get("sha256"))
+    _verify_files(path, meta_path, meta.get("sha256"), allow_unverified)
     agents, agent_index, _ = _agents(optimizer)
     sources = agent_mapping(meta["agents"], agents, agent_index, meta["alphas"])
 

@@ -330,8 +330,27 @@ def test_corrupted_or_missing_file_is_refused_by_name(tmp_path):
         checkpoint.load(path, *_fresh())
 
 
+def test_unverifiable_checkpoint_is_refused_by_name_unless_allowed(tmp_path):
+    # issue 20 item 3: a pisa_meta.json that lost its sha256 entry loaded finite garbage silently
+    path, _, _, _ = _saved(tmp_path)
+    meta_path = os.path.join(path, checkpoint.META)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta.pop("sha256", None)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _corrupt(path, nan=False)  # finite-looking bytes: nothing but a checksum could catch them
+    before = weights(_fresh()[0])
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=rf"{re.escape(meta_path)} records no sha256 checksums.*allow_unverified"):
+        checkpoint.load(path, model, opt)
+    assert all(torch.equal(w, before[n]) for n, w in weights(model).items())  # refused before any tensor
+    with pytest.warns(UserWarning, match="loading unverified files"):
+        assert checkpoint.load(path, *_fresh(), allow_unverified=True) == {"step": 2}
+
+
 def test_unverifiable_checkpoint_with_nan_bytes_is_refused_by_key(tmp_path):
-    # a checkpoint without recorded checksums (or a writer that stored NaN): the finite check after loading names it
+    # allowed unverified (or a writer that stored NaN): the finite check after loading names the tensor
     path, _, _, _ = _saved(tmp_path)
     meta_path = os.path.join(path, checkpoint.META)
     with open(meta_path) as f:
@@ -340,8 +359,11 @@ def test_unverifiable_checkpoint_with_nan_bytes_is_refused_by_key(tmp_path):
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     _corrupt(path)
-    with pytest.raises(ValueError, match=r"non-finite values \(inf/NaN\) in '(model|optimizer)\..+' on rank 0"):
-        checkpoint.load(path, *_fresh())
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"non-finite values \(inf/NaN\) in '(model|optimizer)\..+' on rank 0"),
+    ):
+        checkpoint.load(path, *_fresh(), allow_unverified=True)
     with open(meta_path, "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match=re.escape(meta_path)):
