@@ -1,3 +1,6 @@
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,3 +13,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test starts from the same random state (torch, numpy, random), before its fixtures: a test that draws
+    without a seed of its own — or a module-scoped fixture that it sets up, or ranks forked from it — sees the same
+    numbers whichever tests ran before it, alone or in the whole suite."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """``torch.set_num_threads(1)`` for the test (the launched runs' OMP_NUM_THREADS=1: same reduction order),
+    and the previous count put back afterwards, whatever the test does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -15,18 +15,27 @@ raises makes the call fail with that rank's traceback (the other ranks are kille
 collective); a run that passes ``timeout`` is killed (only the processes started here) and reported. Processes are
 forked (fast; the test process must not have started CUDA); each rank compiles torch.compile kernels in its own
 thread.
+
+Also the tests' other plumbing: `require` (an optional extra's module: skipped only where it is not installed at all,
+never where it is installed but broken, nor where ``CI`` is set), `skip_or_fail` and `HeldPort` (a ``--master_port``
+nobody else can take before the launcher binds it).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
 import multiprocessing as mp
 import os
 import pickle
+import socket
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 
+import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.distributed as dist
@@ -146,14 +155,70 @@ def run_scenarios(scenarios: dict[str, Callable], world_size: int, *args, timeou
     )
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for launchers that need --master_port; a fixed or pid-derived port can
-    collide with another run on the same machine)."""
-    import socket
+def in_ci() -> bool:
+    """True where the environment variable ``CI`` is set (``.ci/run`` and CI services set it): there a missing
+    optional dependency or a refused precondition fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason``, or fail it where ``CI`` is set (a skip there would hide what it checks)."""
+    __tracebackhide__ = True  # the report names the caller's line
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: this would be a skip elsewhere)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str, distribution: str | None = None, extra: str | None = None):
+    """``module`` imported, for tests of an optional extra (call it at module level, or inside a test).
+
+    Skips only where the distribution is not installed at all (no ``importlib.metadata`` entry and no importable
+    top-level package) and ``CI`` is not set. Where it is installed, or ``CI`` is set, the module is imported for
+    real: an ImportError (a broken or missing dependency, a version bump that moved a name) fails collection
+    instead of skipping every test of the module with CI green. ``distribution`` defaults to the top-level name;
+    ``extra`` names the pyproject extra in the skip message."""
+    __tracebackhide__ = True
+    top = module.split(".")[0]
+    distribution = distribution or top
+    try:
+        importlib.metadata.distribution(distribution)
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = importlib.util.find_spec(top) is not None  # e.g. a source checkout on PYTHONPATH
+    hint = f"pip install -e '.[{extra}]'" if extra else f"pip install {distribution}"
+    if not installed and not in_ci():
+        pytest.skip(f"{distribution} is not installed ({hint})", allow_module_level=True)
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if installed:
+            raise  # installed but broken: the real error, as a collection error
+        raise ImportError(f"{distribution} is not installed and CI is set, so its tests fail: {hint}") from e
+
+
+class HeldPort:
+    """A TCP port for a launcher's ``--master_port``, kept from everyone else until :meth:`close`.
+
+    The port is bound (SO_REUSEADDR, not listening) for as long as this object is open: the kernel then gives it to
+    no other ``bind(("", 0))`` and to no outgoing connection, while the launched rank 0's TCPStore (which binds with
+    SO_REUSEADDR and listens) still gets it. Picking a port, closing it and handing the number to a launcher left a
+    window of seconds (the launcher's start-up) in which anything on the machine could take it (EADDRINUSE). Close
+    it once the launch has ended (``with HeldPort() as held: ... held.port``)."""
+
+    def __init__(self):
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class CrossAgentCalls:

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 from engine import data, models  # noqa: E402
 from engine.flags import build_parser, parse_args  # noqa: E402
 from engine.train import lr_factor, main  # noqa: E402
+from tests.distributed import HeldPort, skip_or_fail  # noqa: E402
 
 TINY = ["--block-size", "64", "--batch-size", "8", "--eval-windows", "16", "--no-progress", "--warmup-steps", "3"]
 TINY += ["--implementation", "foreach"]  # no torch.compile warm-up in short tests
@@ -57,22 +58,29 @@ def scalars(logdir):
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Deepspeed:
-    """``deepspeed --num_gpus 2 --master_port <free>``: a fixed port collides with any other DeepSpeed job."""
+    """``deepspeed --num_gpus 2 --master_port <free>``: a fixed port collides with any other DeepSpeed job, and a
+    port picked then let go can be taken before rank 0 binds it; each port stays held until the test ends."""
+
+    def __init__(self):
+        self.held: list[HeldPort] = []
 
     def __iter__(self):
-        return iter(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())])
+        self.held.append(HeldPort())
+        return iter(["deepspeed", "--num_gpus", "2", "--master_port", str(self.held[-1].port)])
+
+    def release(self):
+        while self.held:
+            self.held.pop().close()
 
 
 DEEPSPEED = _Deepspeed()
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_ports():
+    yield
+    DEEPSPEED.release()
 
 
 def env(**extra):
@@ -294,14 +302,15 @@ def test_deepspeed_zero3_kill9_exits_then_resumes(cache_dir, tmp_path):
         latest = out / "checkpoints" / "latest"
         _wait_for_checkpoint(proc, latest, 6, timeout=240)
         victim = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline())
-        killed = time.time()
         victim.kill()  # SIGKILL
-        code = proc.wait(timeout=90)
-        waited = time.time() - killed
+        try:  # a hang guard, not a speed claim: the launcher must notice the dead rank and exit on its own
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the launcher still runs 300 s after rank 1 was killed") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert code != 0 and waited < 60, (code, waited)
+    assert code != 0, code
     step = int(latest.read_text().strip()[5:])
     assert (out / "checkpoints" / f"step_{step:06d}").is_dir()
     s = scalars(out / "tensorboard")
@@ -518,13 +527,13 @@ def test_deepspeed_json_is_read_as_the_library_reads_it(tmp_path):
         args = parse_args(["--deepspeed_config", str(path), *flags])
         return parse_pisa_params(backends.deepspeed_config(args, args.explicit, None, say=print)["optimizer"]["params"])
 
-    for params in ({"param_groups": "auto", "preconditioner": "sisa"}, {"preconditioner": "sisa"}, {"sigma": 5.0}):
+    for params in ({"param_groups": "by_role", "preconditioner": "sisa"}, {"preconditioner": "sisa"}, {"sigma": 5.0}):
         assert engine_spec(params) == parse_pisa_params(params), params
-    assert engine_spec({"param_groups": "auto", "preconditioner": "sisa"}).matrix_preconditioner == "sisa"
-    spec = engine_spec({"param_groups": "auto", "preconditioner": "sisa", "rho": 7.0}, "--sigma", "3")
+    assert engine_spec({"param_groups": "by_role", "preconditioner": "sisa"}).matrix_preconditioner == "sisa"
+    spec = engine_spec({"param_groups": "by_role", "preconditioner": "sisa", "rho": 7.0}, "--sigma", "3")
     assert spec.matrix_preconditioner == "sisa" and spec.kwargs["sigma"] == 3.0 and spec.kwargs["rho"] == 7.0
     with pytest.raises(ValueError, match="c.json.*adam"):
-        engine_spec({"param_groups": "auto", "preconditioner": "adam"})
+        engine_spec({"param_groups": "by_role", "preconditioner": "adam"})
     with pytest.raises(ValueError, match="c.json.*unknown key.*sigmaa"):
         engine_spec({"sigmaa": 1.0})
 
@@ -650,8 +659,13 @@ def test_a_full_disk_is_named_and_leaves_nothing_behind(run, tmp_path):
     """Issue 9 item 5: a full disk gave "unexpected pos 704 vs 598" and left a partial checkpoint folder."""
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
-        pytest.skip("needs a 1 MiB tmpfs (mount -t tmpfs), which this machine does not permit")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True, text=True
+    )
+    if mount.returncode:  # a failure where CI is set: there the skip would hide the test
+        skip_or_fail(
+            f"needs a 1 MiB tmpfs (mount -t tmpfs), which this machine does not permit: {mount.stderr.strip()}"
+        )
     try:
         with pytest.raises(SystemExit, match=f"no space left on {small}"):
             run("--max-steps", 2, "--eval-interval", 0, "--no-tensorboard", out=small / "run")

@@ -18,12 +18,14 @@ import traceback
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.gpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+from distributed import require  # noqa: E402
+
+require("megatron.core", "megatron-core", extra="megatron")
 import test_megatron as common  # noqa: E402
 
 

@@ -32,7 +32,7 @@ def formula(w, g, pi, v, t, kind, sigma, rho, beta2, eps, lam, decay):
     return (sigma * w_i + pi) / (sigma + lam), pi, v
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same 60 examples every run: no flaky CI
 @given(
     data=st.data(),
     kind=st.sampled_from(["sisa", "adagrad", "identity", "nsisa"]),

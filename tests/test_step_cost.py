@@ -256,10 +256,11 @@ def corpus_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("optimizer", ["pisa", "adamw"])
-def test_engine_single_checks_the_gradients_once_per_step(monkeypatch, corpus_cache, tmp_path, optimizer):
+def test_engine_single_checks_the_gradients_once_per_step(
+    monkeypatch, corpus_cache, tmp_path, optimizer, one_torch_thread
+):
     from engine.train import main
 
-    torch.set_num_threads(1)
     steps = _per_step_counts(monkeypatch, F, "finite_flag")
     argv = [*ENGINE_ARGS, "--backend", "single", "--optimizer", optimizer]
     argv += ["--implementation", "foreach"] if optimizer == "pisa" else []

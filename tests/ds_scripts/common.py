@@ -1,5 +1,8 @@
 """Shared pieces of the DeepSpeed tests: a tiny GPT-2, deterministic batches, configs, DeepSpeed and
-single-process training loops, and the consensus weights of an engine gathered from its fp32 partitions."""
+single-process training loops, and the consensus weights of an engine gathered from its fp32 partitions.
+
+The single-process references build PISA from plain keyword arguments (`sisa_reference`), never from the JSON
+through ``pisa_zero.deepspeed``: a key the JSON parser misread would otherwise be misread in the reference too."""
 
 from __future__ import annotations
 
@@ -40,6 +43,17 @@ def batch(step: int, global_batch: int) -> torch.Tensor:
     return (start + torch.arange(SEQ)) % VOCAB
 
 
+#: The ``optimizer.params`` of `ds_config` unless told otherwise; `sisa_reference` is the same optimizer in Python.
+SISA_PARAMS = {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"}
+
+
+def sisa_reference(model):
+    """`SISA_PARAMS` as plain PISA keywords (one group, sisa by default), not through the JSON parser."""
+    from pisa_zero import PISA
+
+    return PISA(model.parameters(), sigma=2.0, rho=50.0, implementation="foreach")
+
+
 def ds_config(stage: int, world: int, *, accum: int = 1, params: dict | None = None, **extra) -> dict:
     cfg = {
         "train_batch_size": MICRO * accum * world,
@@ -51,7 +65,7 @@ def ds_config(stage: int, world: int, *, accum: int = 1, params: dict | None = N
         "zero_optimization": {"stage": stage},
         "optimizer": {
             "type": "PISA",
-            "params": params if params is not None else {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"},
+            "params": params if params is not None else dict(SISA_PARAMS),
         },
     }
     for k, v in extra.items():
@@ -161,12 +175,22 @@ def pisa_states(engine) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def single_train(cfg: dict, steps: int, world: int, seed: int = 0, start_model=None):
-    """Single-process PISA (built from the same JSON) on the same global batches; returns (model, losses)."""
-    import pisa_zero.deepspeed as pds
+def ds_scheduler(cfg: dict, optimizer):
+    """DeepSpeed's own scheduler class for ``cfg["scheduler"]`` (None without one), on ``optimizer``."""
+    sched = cfg.get("scheduler")
+    if not sched:
+        return None
+    from deepspeed.runtime import lr_schedules
 
+    return getattr(lr_schedules, sched["type"])(optimizer, **sched.get("params", {}))
+
+
+def single_train(cfg: dict, steps: int, world: int, make_optimizer, seed: int = 0, start_model=None):
+    """Single-process ``make_optimizer(model)`` (plain PISA keywords, e.g. `sisa_reference`) on the same global
+    batches, with the JSON's batch sizes, clipping and DeepSpeed scheduler; returns (model, losses, optimizer)."""
     model = start_model if start_model is not None else make_model(seed)
-    opt, sched = pds.build_optimizer(model, cfg)
+    opt = make_optimizer(model)
+    sched = ds_scheduler(cfg, opt)
     clip = cfg.get("gradient_clipping", 0.0)
     accum = cfg.get("gradient_accumulation_steps", 1)
     losses = []

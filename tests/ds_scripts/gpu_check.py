@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from tests.ds_scripts import common as C  # noqa: E402
 
-NSISA = {"sigma": 30.0, "rho": 100.0, "preconditioner": "nsisa", "param_groups": "auto", "other_options": {"lr": 3e-3}}
+NSISA = {"sigma": 30.0, "rho": 100.0, "preconditioner": "nsisa", "param_groups": "by_role", "other_options": {"lr": 3e-3}}
 
 
 def run(cfg, steps):
@@ -29,11 +29,20 @@ def run(cfg, steps):
     return C.consensus_weights(engine), losses, info
 
 
-def single(cfg, steps, device="cuda"):
-    import pisa_zero.deepspeed as pds
+def nsisa_reference(model):
+    """`NSISA` as plain PISA keywords (not through the JSON parser, which the DeepSpeed runs use)."""
+    import pisa_zero
 
+    other = {"lr": 3e-3, "weight_decay": 0.0}
+    groups = pisa_zero.param_groups(
+        model, matrix_preconditioner="nsisa", other_preconditioner="adamw", other_options=other
+    )
+    return pisa_zero.PISA(groups, sigma=30.0, rho=100.0, preconditioner="nsisa")
+
+
+def single(cfg, steps, device="cuda"):
     model = C.make_model().to(device)
-    opt, _ = pds.build_optimizer(model, cfg)
+    opt = nsisa_reference(model)
     for step in range(steps):
         x = C.batch(step, C.MICRO).to(device)
         model(x, labels=x).loss.backward()

@@ -84,6 +84,8 @@ def main() -> None:
                     "weights": {k: v.clone() for k, v in weights.items() if k != "lm_head.weight"},
                     "optimizer": type(basic).__name__,
                     "preconditioners": [g["preconditioner"] for g in basic.param_groups],
+                    # what names the run's /dev/shm buffers (DeepSpeed's CPU all-reduce): the test checks them
+                    "master": (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")),
                 },
                 args.out,
             )
