@@ -3,6 +3,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from distributed import one_thread
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,9 +30,5 @@ def pytest_runtest_setup(item):
 def one_torch_thread():
     """``torch.set_num_threads(1)`` for the test (the launched runs' OMP_NUM_THREADS=1: same reduction order),
     and the previous count put back afterwards, whatever the test does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ nobody else can take before the launcher binds it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -194,6 +195,17 @@ def require(module: str, distribution: str | None = None, extra: str | None = No
         if installed:
             raise  # installed but broken: the real error, as a collection error
         raise ImportError(f"{distribution} is not installed and CI is set, so its tests fail: {hint}") from e
+
+
+@contextlib.contextmanager
+def one_thread():
+    """``torch.set_num_threads(1)`` inside, the previous count put back on exit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class HeldPort:

@@ -330,15 +330,21 @@ def test_corrupted_or_missing_file_is_refused_by_name(tmp_path):
         checkpoint.load(path, *_fresh())
 
 
-def test_unverifiable_checkpoint_is_refused_by_name_unless_allowed(tmp_path):
-    # issue 20 item 3: a pisa_meta.json that lost its sha256 entry loaded finite garbage silently
-    path, _, _, _ = _saved(tmp_path)
+def _drop_checksums(path: str) -> str:
+    """Remove the sha256 entry of ``path``'s pisa_meta.json; returns that file's path."""
     meta_path = os.path.join(path, checkpoint.META)
     with open(meta_path) as f:
         meta = json.load(f)
     meta.pop("sha256", None)
     with open(meta_path, "w") as f:
         json.dump(meta, f)
+    return meta_path
+
+
+def test_unverifiable_checkpoint_is_refused_by_name_unless_allowed(tmp_path):
+    # a pisa_meta.json that lost its sha256 entry must not load finite garbage silently
+    path, _, _, _ = _saved(tmp_path)
+    meta_path = _drop_checksums(path)
     _corrupt(path, nan=False)  # finite-looking bytes: nothing but a checksum could catch them
     before = weights(_fresh()[0])
     model, opt = _fresh()
@@ -352,12 +358,7 @@ def test_unverifiable_checkpoint_is_refused_by_name_unless_allowed(tmp_path):
 def test_unverifiable_checkpoint_with_nan_bytes_is_refused_by_key(tmp_path):
     # allowed unverified (or a writer that stored NaN): the finite check after loading names the tensor
     path, _, _, _ = _saved(tmp_path)
-    meta_path = os.path.join(path, checkpoint.META)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    meta.pop("sha256", None)
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    meta_path = _drop_checksums(path)
     _corrupt(path)
     with (
         pytest.warns(UserWarning),

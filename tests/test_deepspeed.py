@@ -8,7 +8,6 @@ asserted bounds are the issue's (≤ 1e-6 relative in fp32).
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -23,7 +22,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.distributed import HeldPort, require, run_distributed, run_scenarios  # noqa: E402
+from tests.distributed import HeldPort, one_thread, require, run_distributed, run_scenarios  # noqa: E402
 
 deepspeed = require("deepspeed", extra="deepspeed")
 require("transformers", extra="transformers")
@@ -64,16 +63,6 @@ FP32_TOL = 1e-6
 # nsisa+AdamW steps (measured 3.8e-2; one step: 5e-2 of the update; docs/deepspeed.md) and loss-curve difference.
 BF16_TOL = 8e-2
 BF16_LOSS_TOL = 5e-2
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def reference(cfg, steps, make_optimizer, world=2):
@@ -332,7 +321,7 @@ def test_optimizer_params_keys_are_the_pisa_keywords():
 @pytest.mark.parametrize("key", JSON_KEYS)
 def test_every_optimizer_params_key_sets_exactly_its_value(key):
     """optimizer.params.<key> at a non-default value → the param groups / optimizer attributes hold exactly that
-    value and nothing else changes (issue 23 item 2: a misread key was invisible to the equality tests)."""
+    value and nothing else changes (a misread key is invisible to the equality tests)."""
     accepted = {*pds.PISA_KEYS, *ds_config.GROUPING_KEYS, *(f"other_options.{k}" for k in ds_config.GROUP_OPTION_KEYS)}
     if key not in accepted:
         pytest.fail(f"ROWS[{key!r}]: not a key optimizer.params accepts (any more?)", pytrace=False)

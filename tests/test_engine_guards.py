@@ -1,4 +1,4 @@
-"""engine/train.py's guards before and around the work (issue 20): what a resume honours or refuses, one run per
+"""engine/train.py's guards before and around the work: what a resume honours or refuses, one run per
 --out-dir, writable folders, verified checkpoints, the DeepSpeed default optimizer, size flags against memory.
 
 Each refusal is checked to come before any work: the model factory is replaced by one that fails the test."""
