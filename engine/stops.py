@@ -58,17 +58,25 @@ def _alive(pid: int, parent: int) -> bool:
 
 
 class StopRequest:
-    """``reason`` is None until this rank wants to stop; ``exit_code`` is what the run then exits with."""
+    """``reason`` is None until this rank wants to stop; ``exit_code`` is what the run then exits with.
+
+    ``close()`` puts back the SIGINT/SIGTERM handlers it replaced and ends the launcher watch (for a loop run more
+    than once in one process; a process that exits after its run need not call it)."""
 
     def __init__(self, watch_launcher: bool = True, poll_s: float = 1.0):
         self.reason: str | None = None
         self.exit_code = 0
         self.signals = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._signal)
+        self._closed = False
+        self._previous = {sig: signal.signal(sig, self._signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._chain = launcher_chain() if watch_launcher else []
         if self._chain:
             threading.Thread(target=self._watch, args=(poll_s,), daemon=True, name="launcher-watch").start()
+
+    def close(self) -> None:
+        self._closed = True
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def request(self, reason: str, exit_code: int) -> None:
         if self.reason is None:
@@ -82,7 +90,7 @@ class StopRequest:
 
     def _watch(self, poll_s: float) -> None:
         parent = os.getppid()
-        while self.reason is None:
+        while self.reason is None and not self._closed:
             gone = [pid for pid, ppid in self._chain if not _alive(pid, ppid)]
             if gone or os.getppid() != parent:
                 self.request(f"launcher process {gone[0] if gone else parent} exited", 128 + signal.SIGTERM)

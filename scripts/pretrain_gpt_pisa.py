@@ -24,29 +24,42 @@ would.
 Checkpoints (``--save``): ``<save>/iter_NNNNNNN/`` written with ``dist_checkpointing`` into a temporary folder and
 renamed when complete, then ``latest_checkpointed_iteration.txt`` (Megatron's tracker file) is replaced atomically.
 ``--load`` resumes model, PISA state (per-group steps included), scheduler and iteration; a DP size change is fine
-(``dp_reshardable``), a TP change needs ``--ckpt-format fully_reshardable``.
+(``dp_reshardable``), a TP change needs ``--ckpt-format fully_reshardable``. Each folder holds ``pisa_sha256.json``
+(the SHA-256 of its other files); ``--load`` checks the tracker, every file's readability and length and the model
+flags before any work, then the checksums, and refuses a damaged checkpoint naming the file and what is wrong.
+
+Stopping: SIGINT/SIGTERM (Ctrl-C; ``torchrun`` forwards both; a rank whose launcher is gone stops the same way, see
+``engine/stops.py``) stops every rank after the same step: the stop flag rides on the step's one all-reduce of the
+loss. The ranks write a final checkpoint at that iteration (with ``--save``), exit with 128 + the signal number and
+say how to continue; a third signal exits at once. Every flag is checked (range, combination, a flag that would do
+nothing) and refused by name before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from engine.stops import StopRequest  # noqa: E402
 
 logger = logging.getLogger("pretrain_gpt_pisa")
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "pisa_sha256.json"  # in each iter_N folder: the SHA-256 of its other files, checked on --load
 
 
 # ------------------------------------------------------------------------------------------------------ arguments
@@ -55,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
         prog="pretrain_gpt_pisa.py",
         description="Megatron-core GPT pretraining with PISA (sharded in Megatron's distributed optimizer).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # as Megatron's own parser: a flag is only ever its full name
     )
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (ranks that split each layer)")
@@ -149,50 +163,188 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = parser().parse_args(argv)
-    errors = []
+def _explicit(argv) -> set[str]:
+    """The dests of the flags written on the command line (a flag that would do nothing is refused only then)."""
+    p = parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
-    def positive(name, value):
-        if value is None or value <= 0:
-            errors.append(f"--{name.replace('_', '-')}={value}: expected > 0")
 
-    for name in (
-        "tensor_model_parallel_size",
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "seq_length",
-        "micro_batch_size",
-        "train_iters",
-        "lr",
-        "pisa_sigma",
-        "log_interval",
-        "eval_iters",
-    ):
-        positive(name, getattr(args, name))
-    if args.pipeline_model_parallel_size != 1:
-        errors.append(f"--pipeline-model-parallel-size={args.pipeline_model_parallel_size}: only 1 is supported")
-    if args.bf16 and args.fp16:
-        errors.append("--bf16 and --fp16: choose one")
-    if args.pisa_rho < 0:
-        errors.append(f"--pisa-rho={args.pisa_rho}: expected >= 0")
-    if not 0 <= args.min_lr <= args.lr:
-        errors.append(f"--min-lr={args.min_lr}: expected 0 <= min-lr <= --lr")
-    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
-        errors.append(f"--lr-warmup-iters={args.lr_warmup_iters}: expected 0 <= warmup < decay iters")
-    if not 0.0 <= args.optimizer_offload_fraction <= 1.0:
-        errors.append(f"--optimizer-offload-fraction={args.optimizer_offload_fraction}: expected in [0, 1]")
-    if args.clip_grad < 0 or args.weight_decay < 0:
-        errors.append("--clip-grad and --weight-decay must be >= 0")
-    if args.num_attention_heads % args.tensor_model_parallel_size:
-        errors.append(f"--num-attention-heads={args.num_attention_heads}: not divisible by TP")
+def _finite(low: float, *, strict: bool):
+    return lambda v: math.isfinite(v) and (v > low if strict else v >= low)
+
+
+#: the smallest value of every integer flag (None, where it is the default, is not checked)
+_MIN_INT = {
+    "tensor_model_parallel_size": 1,
+    "num_layers": 1,
+    "hidden_size": 1,
+    "num_attention_heads": 1,
+    "ffn_hidden_size": 1,
+    "seq_length": 1,
+    "make_vocab_size_divisible_by": 1,
+    "micro_batch_size": 1,
+    "global_batch_size": 1,
+    "train_iters": 1,
+    "seed": 0,
+    "lr_warmup_iters": 0,
+    "lr_decay_iters": 1,
+    "pisa_ns_steps": 1,
+    "pisa_diagnostics_interval": 0,
+    "save_interval": 0,
+    "log_interval": 1,
+    "eval_interval": 0,
+    "eval_iters": 1,
+}
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+#: (flag, check, expected) of every float flag; "not check(v)" is refused, so nan fails every check
+_FLOATS = [
+    ("hidden_dropout", *_UNIT),
+    ("attention_dropout", *_UNIT),
+    ("init_method_std", _finite(0, strict=True), "a finite number > 0"),
+    ("loss_scale", _finite(0, strict=True), "a finite number > 0"),
+    ("initial_loss_scale", _finite(0, strict=True), "a finite number > 0"),
+    ("lr", _finite(0, strict=True), "a finite number > 0"),
+    ("min_lr", _finite(0, strict=False), "a finite number >= 0"),
+    ("weight_decay", _finite(0, strict=False), "a finite number >= 0"),
+    ("clip_grad", _finite(0, strict=False), "a finite number >= 0 (0: off)"),
+    ("adam_beta1", *_UNIT),
+    ("adam_beta2", *_UNIT),
+    ("adam_eps", _finite(0, strict=True), "a finite number > 0"),
+    ("pisa_sigma", _finite(0, strict=True), "a finite number > 0"),
+    ("pisa_rho", _finite(0, strict=False), "a finite number >= 0"),
+    ("pisa_aux_lr", _finite(0, strict=True), "a finite number > 0"),
+    ("pisa_beta2", *_UNIT),
+    ("pisa_eps", _finite(0, strict=True), "a finite number > 0"),
+    ("pisa_momentum", *_UNIT),
+    ("pisa_l2_lambda", _finite(0, strict=False), "a finite number >= 0"),
+    ("optimizer_offload_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_values(args, errors: list) -> None:
+    """Every numeric flag in its range, and the sizes that must divide each other."""
+    for name, low in _MIN_INT.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            errors.append(f"{_flag(name)}={value}: expected an integer >= {low}")
+    for name, ok, expected in _FLOATS:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            errors.append(f"{_flag(name)}={value}: expected {expected}")
+    if errors:
+        return  # the relations below assume sizes in range
+    if args.min_lr > args.lr:
+        errors.append(f"--min-lr={args.min_lr}: expected 0 <= min-lr <= --lr ({args.lr})")
+    decay = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay:
+        errors.append(f"--lr-warmup-iters={args.lr_warmup_iters}: expected 0 <= warmup < decay iters ({decay})")
+    tp = args.tensor_model_parallel_size
+    if args.num_attention_heads % tp:
+        errors.append(f"--num-attention-heads={args.num_attention_heads}: not divisible by TP ({tp})")
     if args.hidden_size % args.num_attention_heads:
         errors.append(f"--hidden-size={args.hidden_size}: not divisible by --num-attention-heads")
-    if args.load and not os.path.isdir(args.load):
-        errors.append(f"--load={args.load!r}: no such folder")
+    if args.ffn_hidden_size is not None and args.ffn_hidden_size % tp:
+        errors.append(f"--ffn-hidden-size={args.ffn_hidden_size}: not divisible by TP ({tp})")
+    if args.pipeline_model_parallel_size != 1:
+        errors.append(f"--pipeline-model-parallel-size={args.pipeline_model_parallel_size}: only 1 is supported")
+
+
+def _is_token_data(path: str) -> bool:
+    if os.path.isdir(path):
+        return any(os.path.exists(os.path.join(path, f"train{ext}")) for ext in (".npy", ".bin"))
+    return path.endswith((".bin", ".npy"))
+
+
+def _check_combinations(args, given: set, errors: list) -> None:
+    """Flags that the rest of the command line would make do nothing, combinations that cannot work, paths."""
+    pre, other = args.pisa_preconditioner, args.pisa_other_preconditioner
+
+    def unused(name: str, because: str) -> None:
+        if name in given:
+            errors.append(f"{_flag(name)} {because}")
+
+    if args.bf16 and args.fp16:
+        errors.append("--bf16 and --fp16: choose one")
+    if not args.fp16 or args.loss_scale is not None:
+        unused(
+            "initial_loss_scale",
+            "is the first scale of fp16's dynamic loss scaling: it needs --fp16 without --loss-scale",
+        )
+    if other != "adamw":
+        for name in ("adam_beta1", "adam_beta2", "adam_eps", "pisa_aux_lr"):
+            unused(name, f"sets the auxiliary AdamW: it needs --pisa-other-preconditioner adamw, not {other}")
+    if "sisa" not in (pre, other):
+        unused("pisa_beta2", f"is sisa's second-moment decay: neither preconditioner is sisa ({pre}, {other})")
+    if pre == "identity" and other in ("identity", "adamw"):
+        unused("pisa_eps", f"is the preconditioner's eps: {pre} and {other} have none")
+    if pre != "nsisa":
+        unused("pisa_momentum", f"is nsisa's momentum: it needs --pisa-preconditioner nsisa, not {pre}")
+        unused("pisa_ns_steps", f"is nsisa's Newton-Schulz count: it needs --pisa-preconditioner nsisa, not {pre}")
+    if pre == "nsisa" and args.tensor_model_parallel_size != 1:
+        errors.append(
+            "--pisa-preconditioner nsisa needs --tensor-model-parallel-size 1 (Newton-Schulz on whole matrices; "
+            "with tensor parallelism each rank holds a block of every matrix)"
+        )
+    if pre == "nsisa" and args.optimizer_cpu_offload:
+        errors.append("--pisa-preconditioner nsisa: not with --optimizer-cpu-offload (it splits the shards)")
+    if args.lr_decay_style == "constant":
+        unused("min_lr", "is the end of the decay: --lr-decay-style constant has none")
+        unused("lr_decay_iters", "is the decay length: --lr-decay-style constant has none")
+    if not args.optimizer_cpu_offload:
+        unused("optimizer_offload_fraction", "is the offloaded fraction: it needs --optimizer-cpu-offload")
+    if args.pisa_diagnostics_interval and not args.tensorboard_dir:
+        errors.append("--pisa-diagnostics-interval writes PISA's residuals to TensorBoard: it needs --tensorboard-dir")
+    if not args.eval_interval:
+        unused("eval_iters", "sizes each evaluation: it needs --eval-interval N > 0")
+    if not args.save:
+        unused("save_interval", "needs --save (the folder to save to)")
+    if not args.load:
+        unused("no_load_optim", "needs --load")
+    if not (args.save or args.load):
+        unused("ckpt_format", "needs --save or --load")
     if args.data_path and not os.path.exists(args.data_path):
         errors.append(f"--data-path={args.data_path!r}: no such file or folder")
+    elif args.data_path and _is_token_data(args.data_path):
+        unused("data_cache_dir", f"caches built byte corpora: --data-path={args.data_path!r} holds token files")
+    for name in ("save", "tensorboard_dir", "data_cache_dir"):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            errors.append(f"{_flag(name)}={path!r}: exists and is not a folder")
+
+
+def check_world(args, world: int) -> list[str]:
+    """The flags that depend on the number of ranks."""
+    tp, micro = args.tensor_model_parallel_size, args.micro_batch_size
+    if world % tp:
+        return [f"--tensor-model-parallel-size={tp}: does not divide the world size {world}"]
+    dp = world // tp
+    if args.global_batch_size is not None and args.global_batch_size % (micro * dp):
+        return [
+            f"--global-batch-size={args.global_batch_size}: not a multiple of --micro-batch-size x DP = {micro} x {dp}"
+        ]
+    return []
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every one checked (range, combination, paths, a --load checkpoint's files) before any work."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    errors: list[str] = []
+    _check_values(args, errors)
+    _check_combinations(args, _explicit(argv), errors)
+    if not errors and os.environ.get("WORLD_SIZE"):  # under a launcher: the world is known now
+        errors += check_world(args, int(os.environ["WORLD_SIZE"]))
+    if args.load and not errors:
+        try:
+            check_checkpoint(args.load, args)
+        except CheckpointError as e:
+            errors.append(str(e))
     if errors:
         parser().error("; ".join(errors))
     return args
@@ -318,6 +470,180 @@ def pisa_options(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A ``--load`` checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+#: the flags that shape the model: a checkpoint loads only into a model built with the same values
+MODEL_FLAGS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "seq_length",
+    "make_vocab_size_divisible_by",
+    "untie_embeddings_and_output_weights",
+)
+
+
+def _sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def read_tracker(path: str) -> tuple[int, str]:
+    """(iteration, its folder) from ``<path>/latest_checkpointed_iteration.txt``."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load={path!r}: no such folder")
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(f"--load={path!r}: no {TRACKER} (not a checkpoint folder written by this script)")
+    with open(tracker, encoding="utf-8", errors="replace") as f:
+        text = f.read().strip()
+    if not text:
+        raise CheckpointError(f"{tracker}: the file is empty (truncated); it holds the latest checkpoint's iteration")
+    if not (text.isascii() and text.isdigit()):
+        raise CheckpointError(f"{tracker}: {text[:40]!r} is not an iteration number (the file is corrupted)")
+    folder = os.path.join(path, f"iter_{int(text):07d}")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"--load={path!r}: {TRACKER} names {folder}, which does not exist")
+    return int(text), folder
+
+
+def _read(folder: str, name: str, what: str, reader):
+    file = os.path.join(folder, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{folder}: no {name} ({what}): the checkpoint is incomplete")
+    try:
+        return reader(file)
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+        raise CheckpointError(f"{file}: cannot be read, the file is truncated or corrupted ({_first_line(e)})") from e
+
+
+def _check_shards(folder: str, metadata) -> None:
+    """Every data file that ``.metadata`` indexes exists and is as long as the index says."""
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    if not needed:
+        raise CheckpointError(f"{os.path.join(folder, '.metadata')}: indexes no data files (the file is corrupted)")
+    for name, size in sorted(needed.items()):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (.metadata indexes it): the checkpoint is incomplete")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(
+                f"{file} is truncated: {os.path.getsize(file)} bytes, .metadata indexes data up to byte {size}"
+            )
+
+
+def _check_model_flags(folder: str, saved: dict, args) -> None:
+    def value(source: dict, name: str):
+        v = source.get(name)
+        return v if name != "ffn_hidden_size" or v is not None else 4 * source.get("hidden_size", 0)
+
+    now = vars(args)
+    differ = [
+        f"{_flag(n)}={value(saved, n)} (this run: {value(now, n)})"
+        for n in MODEL_FLAGS
+        if n in saved and value(saved, n) != value(now, n)
+    ]
+    if differ:
+        raise CheckpointError(f"--load: {folder} was saved with {', '.join(differ)}: the model flags must match it")
+
+
+def check_checkpoint(path: str, args=None) -> tuple[int, str]:
+    """The checkpoint ``--load=path`` resumes from, checked file by file without loading a tensor: the tracker,
+    dist_checkpointing's ``metadata.json``, the tensor index ``.metadata``, ``common.pt`` and the length of every
+    data file the index names (and, with ``args``, the model flags it was saved with). Returns (iteration, folder);
+    raises :class:`CheckpointError` naming the file and what is wrong."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    iteration, folder = read_tracker(path)
+
+    def json_file(file: str) -> dict:
+        with open(file) as f:
+            out = json.load(f)
+        if not isinstance(out, dict):
+            raise ValueError(f"expected a JSON object, found {type(out).__name__}")
+        return out
+
+    def index(file: str) -> Metadata:
+        out = FileSystemReader(folder).read_metadata()
+        if not isinstance(out, Metadata):
+            raise ValueError(f"expected torch.distributed.checkpoint Metadata, found {type(out).__name__}")
+        return out
+
+    _read(folder, "metadata.json", "dist_checkpointing's format record", json_file)
+    metadata = _read(folder, ".metadata", "the index of every tensor's bytes", index)
+    common = _read(folder, "common.pt", "iteration, scheduler and optimizer settings", _load_common)
+    _check_shards(folder, metadata)
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+        _read(folder, MANIFEST, "the SHA-256 of every file", json_file)
+    if args is not None and isinstance(common.get("args"), dict):
+        _check_model_flags(folder, common["args"], args)
+    return iteration, folder
+
+
+def _load_common(file: str) -> dict:
+    out = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(out, dict) or "iteration" not in out:
+        raise ValueError("expected the dict of common state with an 'iteration'")
+    return out
+
+
+def _files(folder: str) -> list[str]:
+    """Every file of a checkpoint folder but the manifest, relative and sorted (the same list on every rank)."""
+    found = [os.path.relpath(os.path.join(r, n), folder) for r, _, names in os.walk(folder) for n in names]
+    return sorted(f for f in found if f != MANIFEST)
+
+
+def _gather(share: dict | list) -> list:
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    return shares
+
+
+def _write_manifest(folder: str) -> None:
+    """Collective: the SHA-256 of every file in ``folder`` (each rank hashes a share) into ``MANIFEST``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {f: _sha256(os.path.join(folder, f)) for f in _files(folder)[rank::world]}
+    sums = {f: h for share in _gather(mine) for f, h in share.items()}
+    if rank == 0:
+        with open(os.path.join(folder, MANIFEST), "w") as f:
+            json.dump({"sha256": dict(sorted(sums.items()))}, f, indent=0)
+
+
+def _verify_manifest(folder: str) -> None:
+    """Collective: every file ``MANIFEST`` lists exists with its SHA-256 (each rank hashes a share). A checkpoint
+    without a manifest (written before there was one) relies on :func:`check_checkpoint`'s checks."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        sums = json.load(f).get("sha256", {})
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problems = []
+    for name in sorted(sums)[rank::world]:
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing")
+        elif _sha256(file) != sums[name]:
+            problems.append(f"{file} is corrupted (its SHA-256 differs from the one {MANIFEST} recorded at save)")
+    problems = [p for share in _gather(problems) for p in share]
+    if problems:
+        raise CheckpointError(f"--load: {folder} failed verification: " + "; ".join(problems))
+
+
 def _state_dict(model, optimizer, scheduler, iteration: int, args, is_loading: bool = False) -> dict:
     model_sd = model.module.sharded_state_dict()
     out = {"model": model_sd, "iteration": iteration, "args": vars(args).copy()}
@@ -329,7 +655,8 @@ def _state_dict(model, optimizer, scheduler, iteration: int, args, is_loading: b
 
 
 def save_checkpoint(path: str, iteration: int, model, optimizer, scheduler, args) -> str:
-    """Write ``<path>/iter_N`` (complete or not at all) and point the tracker file at it."""
+    """Write ``<path>/iter_N`` (complete, with the SHA-256 of every file, or not at all) and point the tracker file
+    at it."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(path, f"iter_{iteration:07d}")
@@ -341,6 +668,8 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, scheduler, args
     dist.barrier()
     dist_checkpointing.save(_state_dict(model, optimizer, scheduler, iteration, args), tmp)
     dist.barrier()
+    _write_manifest(tmp)
+    dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -351,20 +680,28 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, scheduler, args
     return final
 
 
+def _describe(e: BaseException) -> str:
+    """dist_checkpointing's own message, or the first failing rank's for torch's CheckpointException."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(sorted(failures.items())))
+        return f"rank {rank}: {_first_line(failure[0] if isinstance(failure, tuple) else failure)}"
+    return _first_line(e)
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, args) -> int:
     """Load the latest checkpoint under ``path`` into model, optimizer and scheduler; returns its iteration."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    tracker = os.path.join(path, TRACKER)
-    if not os.path.exists(tracker):
-        raise SystemExit(f"--load={path!r}: no {TRACKER} (not a checkpoint folder written by this script)")
-    with open(tracker) as f:
-        iteration = int(f.read().strip())
-    folder = os.path.join(path, f"iter_{iteration:07d}")
-    if not os.path.isdir(folder):
-        raise SystemExit(f"--load={path!r}: {TRACKER} names {folder}, which does not exist")
-    template = _state_dict(model, None if args.no_load_optim else optimizer, scheduler, iteration, args, True)
-    loaded = dist_checkpointing.load(template, folder)
+    _, folder = check_checkpoint(path, args)
+    _verify_manifest(folder)
+    template = _state_dict(model, None if args.no_load_optim else optimizer, scheduler, 0, args, True)
+    try:
+        loaded = dist_checkpointing.load(template, folder)
+    except (CheckpointException, CheckpointingException) as e:
+        raise CheckpointError(f"--load={path!r}: {folder} does not load into this run: {_describe(e)}") from e
     model.module.load_state_dict(loaded["model"])
     if args.no_load_optim:
         optimizer.reload_model_params()
@@ -380,7 +717,11 @@ def _init_distributed() -> bool:
     if not dist.is_initialized():
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        backend = "nccl" if on_gpu else "gloo"
+        if "RANK" in os.environ:  # torchrun (or another launcher) set the rendezvous up
+            dist.init_process_group(backend)
+        else:  # plain ``python scripts/pretrain_gpt_pisa.py``: one process
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         torch.cuda.current_device()
     except (AssertionError, RuntimeError) as e:
@@ -390,175 +731,291 @@ def _init_distributed() -> bool:
     return on_gpu
 
 
-def main(argv=None) -> dict:
-    """Train; returns {'iteration', 'loss', 'val_loss', 'checkpoint'} (on every rank)."""
-    args = parse_args(argv)
-    on_gpu = _init_distributed()
-    from megatron.core import parallel_state
+@dataclass
+class Step:
+    """One optimizer step as every rank saw it (loss and stop agreed by one all-reduce over all ranks)."""
 
-    try:
-        return _train(args, on_gpu)
-    finally:
-        parallel_state.destroy_model_parallel()
+    loss: float
+    lr: float  # the lr this step used (the scheduler moves it after the step)
+    updated: bool
+    grad_norm: float | None
+    stop: bool  # some rank asked to stop (a signal, its launcher gone)
 
 
-def _train(args, on_gpu: bool) -> dict:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+class Trainer:
+    """The run's state and its stages; ``run()`` reads as the loop: step → report → checkpoint → stop?"""
 
-    from engine.data import Batches, load_corpus, val_windows
-    from pisa_zero.integrations.megatron import get_pisa_optimizer, optimizer_summary
-    from pisa_zero.monitor import Diagnostics, TensorBoard
+    def __init__(self, args, on_gpu: bool):
+        from megatron.core import parallel_state
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    tp = args.tensor_model_parallel_size
-    if world % tp:
-        raise SystemExit(f"--tensor-model-parallel-size={tp}: does not divide the world size {world}")
-    dp = world // tp
-    global_batch = args.global_batch_size or args.micro_batch_size * dp
-    if global_batch % (args.micro_batch_size * dp):
-        raise SystemExit(
-            f"--global-batch-size={global_batch}: not a multiple of micro-batch x DP = {args.micro_batch_size} x {dp}"
+        self.args, self.on_gpu = args, on_gpu
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="%(message)s")
+        self.dp = self.world // args.tensor_model_parallel_size
+        global_batch = args.global_batch_size or args.micro_batch_size * self.dp
+        self.micro_steps = global_batch // (args.micro_batch_size * self.dp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        torch.manual_seed(args.seed)
+        if on_gpu:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.stop, self.board, self.progress = None, None, None
+        self._data(parallel_state.get_data_parallel_rank())
+        self._build()
+        self.iteration = load_checkpoint(args.load, *self.state, args) if args.load else 0
+        self._log_setup()
+        self._monitors()
+        self.loss, self.val_loss, self.checkpoint, self.started = float("nan"), None, None, time.time()
+
+    @property
+    def state(self) -> tuple:
+        return self.model, self.optimizer, self.scheduler
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _data(self, dp_rank: int) -> None:
+        """The corpus, this DP rank's batches and the validation windows (before the model: a data error is
+        reported before any model work)."""
+        from engine.data import Batches, load_corpus, val_windows
+
+        args = self.args
+        try:
+            self.corpus = load_corpus(args.data_path, args.data_cache_dir)
+            self.batches = Batches(self.corpus.train, args.seq_length, args.micro_batch_size, args.seed, dp_rank)
+            windows = val_windows(self.corpus.val, args.seq_length, args.eval_iters * args.micro_batch_size)
+        except ValueError as e:  # engine/data.py names the engine's flags
+            raise SystemExit(str(e).replace("--block-size", "--seq-length").replace("--data=", "--data-path=")) from e
+        self.val = windows.to(self.device)
+        seq = torch.arange(args.seq_length, device=self.device)
+        self.position_ids = seq.unsqueeze(0).expand(args.micro_batch_size, -1)
+
+    def _build(self) -> None:
+        """GPTModel in Megatron DDP, PISA in Megatron's distributed optimizer, Megatron's lr scheduler."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from pisa_zero.integrations.megatron import get_pisa_optimizer
+
+        args = self.args
+        self.vocab = padded_vocab_size(
+            self.corpus.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
-    micro_steps = global_batch // (args.micro_batch_size * dp)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    torch.manual_seed(args.seed)
-    if on_gpu:
-        from megatron.core import tensor_parallel
+        config, model = build_model(args, self.vocab, self.on_gpu)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+        self.model = DistributedDataParallel(config, ddp_config, model)
+        self.optimizer = get_pisa_optimizer(optimizer_config(args), [self.model], **pisa_options(args))
+        decay_iters = args.lr_decay_iters or args.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=decay_iters,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=decay_iters,
+            wd_incr_style="constant",
+        )
 
-        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    def _log_setup(self) -> None:
+        from pisa_zero.integrations.megatron import optimizer_summary
 
-    corpus = load_corpus(args.data_path, args.data_cache_dir)
-    vocab = padded_vocab_size(corpus.vocab_size, args.make_vocab_size_divisible_by, tp)
-    config, model = build_model(args, vocab, on_gpu)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    model = DistributedDataParallel(config, ddp_config, model)
-    optimizer = get_pisa_optimizer(optimizer_config(args), [model], **pisa_options(args))
-    decay_iters = args.lr_decay_iters or args.train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-    )
-    iteration = load_checkpoint(args.load, model, optimizer, scheduler, args) if args.load else 0
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "pretrain_gpt_pisa: world %d = TP %d x DP %d, %d micro-batch(es) of %d per step, %.2fM params/TP rank, "
-        "data %s (vocab %d -> %d)",
-        world,
-        tp,
-        dp,
-        micro_steps,
-        args.micro_batch_size,
-        n_params / 1e6,
-        corpus.source,
-        corpus.vocab_size,
-        vocab,
-    )
-    for g in optimizer_summary(optimizer):
-        logger.info("  PISA group: %s", json.dumps(g))
-    if iteration:
-        logger.info("resumed from %s at iteration %d", args.load, iteration)
+        args, tp = self.args, self.args.tensor_model_parallel_size
+        logger.info(
+            "pretrain_gpt_pisa: world %d = TP %d x DP %d, %d micro-batch(es) of %d per step, %.2fM params/TP rank, "
+            "data %s (vocab %d -> %d)",
+            self.world,
+            tp,
+            self.dp,
+            self.micro_steps,
+            args.micro_batch_size,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            self.corpus.source,
+            self.corpus.vocab_size,
+            self.vocab,
+        )
+        for g in optimizer_summary(self.optimizer):
+            logger.info("  PISA group: %s", json.dumps(g))
+        if self.iteration:
+            logger.info("resumed from %s at iteration %d", args.load, self.iteration)
 
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    dp_rank = parallel_state.get_data_parallel_rank()
-    batches = Batches(corpus.train, args.seq_length, args.micro_batch_size, args.seed, stream=dp_rank)
-    position_ids = torch.arange(args.seq_length, device=device).unsqueeze(0).expand(args.micro_batch_size, -1)
-    board = TensorBoard(args.tensorboard_dir, enabled=rank == 0)
-    diagnostics = Diagnostics(optimizer.chained_optimizers[0].optimizer) if args.pisa_diagnostics_interval else None
-    val = val_windows(corpus.val, args.seq_length, args.eval_iters * args.micro_batch_size).to(device)
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
+    def _monitors(self) -> None:
+        from pisa_zero.monitor import Diagnostics, TensorBoard
 
-        progress = tqdm(total=args.train_iters, initial=iteration, desc="pretrain", dynamic_ncols=True)
+        args = self.args
+        self.board = TensorBoard(args.tensorboard_dir, enabled=self.rank == 0)
+        self.diagnostics = None
+        if args.pisa_diagnostics_interval:
+            self.diagnostics = Diagnostics(self.optimizer.chained_optimizers[0].optimizer)
+        if self.rank == 0 and not args.no_progress:
+            from tqdm import tqdm
 
-    def evaluate() -> float:
-        model.eval()
-        total = torch.zeros(1, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for chunk in val.split(args.micro_batch_size):
-                x, y = chunk[:, :-1], chunk[:, 1:]
-                total += model(x, position_ids[: len(x)], None, labels=y).float().mean()
-        model.train()
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.item() / (dp * len(val.split(args.micro_batch_size)))
+            self.progress = tqdm(total=args.train_iters, initial=self.iteration, desc="pretrain", dynamic_ncols=True)
 
-    loss_value, val_loss, checkpoint, start = float("nan"), None, None, time.time()
-    while iteration < args.train_iters:
+    # ------------------------------------------------------------------------------------------- stages
+    def train_step(self) -> Step:
+        """Forward/backward over the micro-batches, the optimizer step, then the step's one all-reduce over every
+        rank: the loss (each TP group's once: its TP ranks hold the same loss) and "some rank wants to stop", so
+        that every rank stops after the same step."""
+        args, model, optimizer = self.args, self.model, self.optimizer
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-        for micro in range(micro_steps):
-            x, y = (t.to(device) for t in batches.get(iteration, micro))
-            loss = model(x, position_ids, None, labels=y).float().mean() / micro_steps
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for micro in range(self.micro_steps):
+            x, y = (t.to(self.device) for t in self.batches.get(self.iteration, micro))
+            loss = model(x, self.position_ids, None, labels=y).float().mean() / self.micro_steps
             optimizer.scale_loss(loss).backward()
             loss_sum += loss.detach()
         model.finish_grad_sync()
-        if diagnostics is not None and (iteration + 1) % args.pisa_diagnostics_interval == 0:
-            diagnostics.snapshot()
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves it after the step)
+        if self.diagnostics is not None and (self.iteration + 1) % args.pisa_diagnostics_interval == 0:
+            self.diagnostics.snapshot()
+        lr = optimizer.param_groups[0]["lr"]
         updated, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        iteration += 1
-        dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
-        loss_value = loss_sum.item() / dp
-        scalars = {"train/loss": loss_value, "train/lr": lr, "train/skipped_step": 0.0 if updated else 1.0}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = float(grad_norm)
-        if diagnostics is not None and iteration % args.pisa_diagnostics_interval == 0:
-            scalars.update(diagnostics.measure())
-        if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
-            val_loss = evaluate()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        stop = torch.tensor([float(self.stop.reason is not None)], dtype=torch.float64, device=self.device)
+        flags = torch.cat([loss_sum if self.tp_rank == 0 else torch.zeros_like(loss_sum), stop])
+        dist.all_reduce(flags)
+        loss_total, stops = flags.tolist()
+        self.loss = loss_total / self.dp
+        return Step(self.loss, lr, updated, None if grad_norm is None else float(grad_norm), stops > 0)
+
+    def evaluate(self) -> float:
+        from megatron.core import parallel_state
+
+        model, micro = self.model, self.args.micro_batch_size
+        model.eval()
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for chunk in self.val.split(micro):
+                x, y = chunk[:, :-1], chunk[:, 1:]
+                total += model(x, self.position_ids[: len(x)], None, labels=y).float().mean()
+        model.train()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        self.val_loss = total.item() / (self.dp * len(self.val.split(micro)))
+        return self.val_loss
+
+    def report(self, step: Step, val_loss: float | None) -> None:
+        """TensorBoard scalars, the progress bar and, every ``--log-interval`` steps, the log line."""
+        args, it = self.args, self.iteration
+        scalars = {"train/loss": step.loss, "train/lr": step.lr, "train/skipped_step": 0.0 if step.updated else 1.0}
+        if step.grad_norm is not None:
+            scalars["train/grad_norm"] = step.grad_norm
+        if self.diagnostics is not None and it % args.pisa_diagnostics_interval == 0:
+            scalars.update(self.diagnostics.measure())
+        if val_loss is not None:
             scalars["val/loss"] = val_loss
-        board.scalars(scalars, iteration)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        self.board.scalars(scalars, it)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}")
+        if it % args.log_interval == 0 or it == args.train_iters or step.stop:
             logger.info(
                 "iteration %d/%d | loss %.4f | lr %.3e | grad norm %s | %s | %.2f s/step",
-                iteration,
+                it,
                 args.train_iters,
-                loss_value,
-                lr,
-                "-" if grad_norm is None else f"{grad_norm:.3f}",
-                "updated" if updated else "SKIPPED (non-finite gradients)",
-                (time.time() - start) / args.log_interval,
+                step.loss,
+                step.lr,
+                "-" if step.grad_norm is None else f"{step.grad_norm:.3f}",
+                "updated" if step.updated else "SKIPPED (non-finite gradients)",
+                (time.time() - self.started) / args.log_interval,
             )
-            start = time.time()
-        if args.save and (
-            (args.save_interval and iteration % args.save_interval == 0) or iteration == args.train_iters
-        ):
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"iteration {iteration}: loss is {loss_value}; not saving a non-finite checkpoint")
-            checkpoint = save_checkpoint(args.save, iteration, model, optimizer, scheduler, args)
-            logger.info("saved %s", checkpoint)
-    if progress is not None:
-        progress.close()
-    board.close()
-    return {"iteration": iteration, "loss": loss_value, "val_loss": val_loss, "checkpoint": checkpoint}
+            self.started = time.time()
+
+    def save(self) -> None:
+        if not self.args.save:
+            return
+        if not math.isfinite(self.loss):
+            raise SystemExit(f"iteration {self.iteration}: loss is {self.loss}; not saving a non-finite checkpoint")
+        self.checkpoint = save_checkpoint(self.args.save, self.iteration, *self.state, self.args)
+        logger.info("saved %s", self.checkpoint)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        args = self.args
+        self.stop = StopRequest()
+        while self.iteration < args.train_iters:
+            step = self.train_step()
+            last = self.iteration == args.train_iters
+            due = args.eval_interval and (self.iteration % args.eval_interval == 0 or last)
+            self.report(step, self.evaluate() if due and not step.stop else None)
+            if step.stop or (args.save_interval and self.iteration % args.save_interval == 0) or last:
+                self.save()  # a stop writes its checkpoint first (a launcher's grace period may end after it)
+            if step.stop:
+                return self.stopped(evaluate=bool(due))
+        return self.result(exit_code=0)
+
+    def stopped(self, evaluate: bool) -> dict:
+        """After a stop's checkpoint: the evaluation that was due, the message, the signal's exit status."""
+        if evaluate:
+            self.board.scalars({"val/loss": self.evaluate()}, self.iteration)
+        reason = self.stop.reason or "another rank"
+        if self.args.save:
+            how = f"saved {self.checkpoint}; continue with the same command plus --load {self.args.save}"
+        else:
+            how = "nothing saved (no --save)"
+        logger.info("stopped at iteration %d (%s): %s", self.iteration, reason, how)
+        return self.result(exit_code=self.stop.exit_code if self.stop.reason else 128 + signal.SIGTERM, stopped=reason)
+
+    def result(self, exit_code: int, stopped: str | None = None) -> dict:
+        return {
+            "iteration": self.iteration,
+            "loss": self.loss,
+            "val_loss": self.val_loss,
+            "checkpoint": self.checkpoint,
+            "stopped": stopped,
+            "exit_code": exit_code,
+        }
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.board is not None:
+            self.board.close()
+        if self.stop is not None:
+            self.stop.close()
+
+
+def main(argv=None) -> dict:
+    """Train; returns {'iteration', 'loss', 'val_loss', 'checkpoint', 'stopped', 'exit_code'} (on every rank).
+    SIGINT/SIGTERM (or the launcher gone) stops every rank after the same step with a final checkpoint; the
+    exit code is then 128 + the signal's number."""
+    args = parse_args(argv)
+    on_gpu = _init_distributed()
+    errors = check_world(args, dist.get_world_size())
+    if errors:
+        parser().error("; ".join(errors))
+    from megatron.core import parallel_state
+
+    trainer = None
+    try:
+        trainer = Trainer(args, on_gpu)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        parallel_state.destroy_model_parallel()
 
 
 if __name__ == "__main__":
     code = 0
     try:
-        main()
+        code = main()["exit_code"]
+    except KeyboardInterrupt:  # before the training loop, where a stop has no step to finish
+        print("pretrain_gpt_pisa.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        code = 128 + signal.SIGINT
+    except CheckpointError as e:
+        print(f"pretrain_gpt_pisa.py: {e}", file=sys.stderr)
+        code = 1
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
         if not isinstance(e.code, int) and e.code:
             print(e.code, file=sys.stderr)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         import traceback
 
         traceback.print_exc()

@@ -6,6 +6,11 @@
 #
 # Every flag is explained by `python scripts/pretrain_gpt_pisa.py --help`. Extra arguments are appended, so a later
 # flag overrides one set here (argparse keeps the last value). Resuming is automatic when $CKPT holds a checkpoint.
+#
+# Stopping: Ctrl-C or SIGTERM to torchrun (a scheduler's stop) is forwarded to the ranks, which finish the current
+# step, write a final checkpoint and exit; run the same command again to continue. torchrun SIGKILLs ranks still
+# running TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after forwarding (torch's default: 30), so it is raised here to
+# give a large checkpoint time to be written; keep the scheduler's own grace period (e.g. Slurm's KillWait) above it.
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -23,6 +28,7 @@ if [[ -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then LOAD_ARGS=(--load "$
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
 cd "$(dirname "$0")/.."
 exec torchrun \

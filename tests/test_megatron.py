@@ -3,7 +3,8 @@
 Three tiers (see tests/README.md):
 
 - CPU, no shim: parallel-state groups, GPTModel forward/backward (TP=1 == TP=2), PISA param groups from Megatron's
-  helpers with config overrides, argument validation, the launch script's ``--help``.
+  helpers with config overrides, the factory's argument validation, the launch script's ``--help`` (its flag checks,
+  stops and damaged-checkpoint refusals: tests/test_megatron_launch.py).
 - CPU under ``tests/megatron_shim.py`` (device placement only; Megatron's DDP/DistributedOptimizer/dist_checkpointing
   are CUDA-only): one 2-rank run checks DistributedOptimizer PISA == single-process PISA, the agreed non-finite skip,
   save → load → continue bit-exact with per-parameter steps (dp_reshardable and fully_reshardable); one 1-rank run
