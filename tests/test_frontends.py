@@ -193,6 +193,28 @@ with open(f"report_{rank}.json", "w") as _f:
         assert len(nsisa["names"]) == 8 and all(BLOCK_MATRIX.fullmatch(n) for n in nsisa["names"])
 
 
+@pytest.mark.slow
+def test_megatron_launch_command_trains_under_the_device_shim(tmp_path):
+    """docs/megatron.md's torchrun command, on 2 CPU ranks with tests/megatron_shim.py installed before the script
+    (device placement only): NSISA trains on the stdlib corpus, the loss falls and the checkpoint is written."""
+    require("megatron.core", "megatron-core", extra="megatron")
+    command = " ".join(snippet("megatron.md", "megatron_launch").replace("\\\n", " ").split())
+    argv = command.split()
+    assert argv[:3] == ["torchrun", "--nproc-per-node", "2"] and argv[3] == "scripts/pretrain_gpt_pisa.py"
+    script = str(ROOT / "scripts" / "pretrain_gpt_pisa.py")
+    runner = tmp_path / "run_shimmed.py"
+    runner.write_text(
+        f"import runpy, sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import megatron_shim\nmegatron_shim.install()\n"
+        f"sys.argv[0] = {script!r}\nrunpy.run_path({script!r}, run_name='__main__')\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:3], str(runner), *argv[4:]]
+    out = run(cmd, tmp_path)
+    losses = [float(x) for x in re.findall(r"iteration +\d+/30 \| loss (\d+\.\d+)", out)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, out[-3000:]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+
+
 PLAIN_REPORT = """
 import json as _json
 def _report(trainer):
