@@ -38,7 +38,6 @@ nothing) and refused by name before any work.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -486,14 +485,6 @@ MODEL_FLAGS = (
 )
 
 
-def _sha256(file: str) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
@@ -601,47 +592,30 @@ def _load_common(file: str) -> dict:
     return out
 
 
-def _files(folder: str) -> list[str]:
-    """Every file of a checkpoint folder but the manifest, relative and sorted (the same list on every rank)."""
-    found = [os.path.relpath(os.path.join(r, n), folder) for r, _, names in os.walk(folder) for n in names]
-    return sorted(f for f in found if f != MANIFEST)
-
-
-def _gather(share: dict | list) -> list:
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, share)
-    return shares
-
-
 def _write_manifest(folder: str) -> None:
     """Collective: the SHA-256 of every file in ``folder`` (each rank hashes a share) into ``MANIFEST``."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {f: _sha256(os.path.join(folder, f)) for f in _files(folder)[rank::world]}
-    sums = {f: h for share in _gather(mine) for f, h in share.items()}
-    if rank == 0:
+    from pisa_zero.checkpoint import file_checksums
+
+    sums = file_checksums(folder, skip=(MANIFEST,))
+    if dist.get_rank() == 0:
         with open(os.path.join(folder, MANIFEST), "w") as f:
-            json.dump({"sha256": dict(sorted(sums.items()))}, f, indent=0)
+            json.dump({"sha256": sums}, f, indent=0)
 
 
 def _verify_manifest(folder: str) -> None:
     """Collective: every file ``MANIFEST`` lists exists with its SHA-256 (each rank hashes a share). A checkpoint
     without a manifest (written before there was one) relies on :func:`check_checkpoint`'s checks."""
+    from pisa_zero.checkpoint import verify_checksums
+
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         return
     with open(path) as f:
         sums = json.load(f).get("sha256", {})
-    rank, world = dist.get_rank(), dist.get_world_size()
-    problems = []
-    for name in sorted(sums)[rank::world]:
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            problems.append(f"{file} is missing")
-        elif _sha256(file) != sums[name]:
-            problems.append(f"{file} is corrupted (its SHA-256 differs from the one {MANIFEST} recorded at save)")
-    problems = [p for share in _gather(problems) for p in share]
-    if problems:
-        raise CheckpointError(f"--load: {folder} failed verification: " + "; ".join(problems))
+    try:
+        verify_checksums(folder, sums, what="--load", record=MANIFEST)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _state_dict(model, optimizer, scheduler, iteration: int, args, is_loading: bool = False) -> dict:
