@@ -171,6 +171,7 @@ class FSDP2(Single):
             param_dtype=param_dtype,
             cpu_offload=args.cpu_offload,
             groups=groups_for(model, args),
+            routing_bytes=args.routing_bytes,
             **pisa_options(args),
         )
         if args.optimizer == "pisa":
@@ -222,6 +223,8 @@ class DeepSpeed:
             optimizer = deepspeed_muon(model, config.pop("optimizer")["params"])
             self.engine, *_ = pisa_initialize(model=model, optimizer=optimizer, config=config)
         else:
+            if args.routing_bytes is not None:  # PISA only (engine/flags.py); the flag overrides the JSON's key
+                config["optimizer"]["params"]["routing_bytes"] = args.routing_bytes
             self.engine, *_ = pisa_initialize(model=model, model_parameters=model.parameters(), config=config)
         self.model = self.engine
         self.pisa = find_pisa(self.engine.optimizer) if args.optimizer == "pisa" else None

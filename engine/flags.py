@@ -29,7 +29,7 @@ Writes TensorBoard logs to <out-dir>/tensorboard and checkpoints to <out-dir>/ch
 
 #: flags of PISA only, and of the baselines only: given explicitly with the other optimizer they would do nothing
 PISA_FLAGS = ("sigma", "rho", "matrix_preconditioner", "other_preconditioner", "beta2", "l2_lambda", "implementation")
-PISA_FLAGS += ("local_steps", "prox_sigma", "centred_dual")
+PISA_FLAGS += ("local_steps", "prox_sigma", "centred_dual", "routing_bytes")
 BASELINE_FLAGS = ("lr",)
 
 
@@ -164,6 +164,16 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
         help="decoupled weight decay of the PISA groups (baselines: AdamW's, Muon's)",
     )
     o.add_argument(
+        "--routing-bytes",
+        type=int,
+        default=None,
+        help="fsdp2 or deepspeed with nsisa: bytes of whole-matrix routing buffers one rank holds at a time (NSISA "
+        "sends each matrix's pieces to an owner rank for Newton-Schulz, in rounds of at most this many bytes sent + "
+        "received + assembled; at least one Newton-Schulz batch per round); bounds NSISA's extra memory, results are "
+        "bit-identical for any value. Default 256 MiB (deepspeed: the JSON's optimizer.params.routing_bytes, which "
+        "this flag overrides)",
+    )
+    o.add_argument(
         "--implementation",
         choices=("auto", "single", "foreach", "compiled"),
         default="auto",
@@ -287,6 +297,8 @@ def _check_ranges(args, error) -> None:
     for name, ok, expected in floats:
         if not ok:
             error(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    if args.routing_bytes is not None and args.routing_bytes < 1:
+        error(f"--routing-bytes must be >= 1, got {args.routing_bytes}")
     if args.vocab_size is not None and args.vocab_size < 2:
         error(f"--vocab-size must be >= 2, got {args.vocab_size}")
     try:
@@ -321,6 +333,11 @@ def _check_combinations(args, error) -> None:
     for flag in ("cpu_offload",) + (("dtype",) if args.backend == "single" else ()):
         if flag in given and args.backend != "fsdp2":
             error(f"--{flag.replace('_', '-')} applies to --backend fsdp2 only, not {args.backend}")
+    if args.routing_bytes is not None and args.backend == "single":
+        error("--routing-bytes bounds NSISA's routing across ranks: it applies to --backend fsdp2 or deepspeed only")
+    nsisa = "nsisa" in (args.matrix_preconditioner, args.other_preconditioner)
+    if args.routing_bytes is not None and args.backend == "fsdp2" and not nsisa:  # deepspeed: its JSON decides
+        error("--routing-bytes is read by nsisa only; neither --matrix-preconditioner nor --other-preconditioner is")
     if args.device == "cuda":
         import torch
 

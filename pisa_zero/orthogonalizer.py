@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._utils import DTensor
-from .routing import orthogonalize_sharded
+from .routing import ROUTING_BYTES, check_routing_bytes, orthogonalize_sharded
 
 
 def _is_matrix_partition(t: Tensor) -> bool:
@@ -48,13 +48,18 @@ class LocalOrthogonalizer:
 
 class DTensorOrthogonalizer:
     """FSDP2: Shard(0) DTensors' row blocks routed to owner ranks, whole matrices orthogonalised there, row blocks
-    returned (`pisa_zero.routing.orthogonalize_sharded`; routers cached per mesh and shapes)."""
+    returned (`pisa_zero.routing.orthogonalize_sharded`; routers cached per mesh and shapes). ``max_bytes_in_flight``:
+    the routing buffers a rank holds per round (`pisa_zero.routing.MatrixRouter`); a host option, not PISA's math."""
 
-    def __init__(self):
+    def __init__(self, max_bytes_in_flight: int | None = ROUTING_BYTES):
+        if max_bytes_in_flight is not None:
+            check_routing_bytes(max_bytes_in_flight, "DTensorOrthogonalizer")
+        self.max_bytes_in_flight = max_bytes_in_flight
         self._routers: dict = {}
 
     def __call__(self, params: list[Tensor], directions: list[Tensor], ns_steps: int, compute_dtype) -> list[Tensor]:
-        return orthogonalize_sharded(params, directions, ns_steps, compute_dtype, self._routers)
+        budget = self.max_bytes_in_flight
+        return orthogonalize_sharded(params, directions, ns_steps, compute_dtype, self._routers, budget)
 
 
 def default_orthogonalizer(param_groups: list[dict], known_params: set[int]):

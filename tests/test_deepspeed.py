@@ -230,6 +230,7 @@ ROWS = {
         )
     ],
     "agents": [({"agents": 3}, {("spec", "agents"): 3})],  # used by initialize (mode B; test_mode_b_agents_*)
+    "routing_bytes": [({"preconditioner": "nsisa", "routing_bytes": 4096}, {("spec", "routing_bytes"): 4096})],
     # other_options.<key>: the auxiliary group (1) only
     "other_options.lr": [({**BY_ROLE, "other_options": {"lr": 7e-4}}, {(1, "lr"): 7e-4, (1, "lr_ref"): 7e-4})],
     "other_options.sigma": [
@@ -307,6 +308,7 @@ def _settings(opt, params: dict) -> dict:
     attrs |= {"skip_nonfinite": opt.skip_nonfinite, "anchor_device": rounds.anchor_device if rounds else None}
     out.update({("optimizer", k): v for k, v in attrs.items()})
     out[("spec", "agents")] = pds.parse_pisa_params(params).agents
+    out[("spec", "routing_bytes")] = pds.parse_pisa_params(params).routing_bytes
     return out
 
 

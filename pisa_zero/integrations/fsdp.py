@@ -22,6 +22,8 @@ from torch import nn
 from .._utils import dist_on
 from ..consensus import AgentTopology
 from ..optimizer import PISA
+from ..orthogonalizer import DTensorOrthogonalizer
+from ..routing import check_routing_bytes
 
 _PARAM_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,15 +48,27 @@ def prepare(
     cpu_offload: bool = False,
     groups: list[dict] | None = None,
     reshard_after_forward: bool | None = None,
+    routing_bytes: int | None = None,
     **pisa_kwargs,
 ):
-    """Shard ``model`` with FSDP2 and build its PISA optimizer; returns ``(model, optimizer)``."""
+    """Shard ``model`` with FSDP2 and build its PISA optimizer; returns ``(model, optimizer)``.
+
+    ``routing_bytes``: nsisa's whole-matrix routing buffers per rank and round (None:
+    `pisa_zero.routing.ROUTING_BYTES`); a host option, so it is the orthogonalizer's, not a PISA hyper-parameter.
+    """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if param_dtype not in _PARAM_DTYPES:
         raise ValueError(f"prepare: invalid param_dtype={param_dtype!r}: expected one of {_PARAM_DTYPES}")
     if "consensus" in pisa_kwargs:
         raise ValueError("prepare: pass the agent topology as `topology`, not `consensus`")
+    if routing_bytes is not None:
+        check_routing_bytes(routing_bytes, "prepare", "routing_bytes")
+        if pisa_kwargs.get("orthogonalizer") is not None:
+            raise ValueError(
+                "prepare: routing_bytes sets the DTensor orthogonalizer; it cannot go with orthogonalizer="
+            )
+        pisa_kwargs["orthogonalizer"] = DTensorOrthogonalizer(routing_bytes)
     if not dist_on():
         raise ValueError("prepare: torch.distributed must be initialised (FSDP2 needs a process group)")
     if topology is None:

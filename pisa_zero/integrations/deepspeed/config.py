@@ -15,15 +15,24 @@ import torch
 from ...hyperparameters import HyperparameterError
 from ...optimizer import PISA
 from ...param_groups import param_groups as _auto_param_groups
+from ...routing import check_routing_bytes
 from .layout import check_deepspeed_version
 
 #: PISA constructor keywords a JSON ``optimizer.params`` block may set.
 PISA_KEYS = tuple(
     k for k in inspect.signature(PISA.__init__).parameters if k not in ("self", "params", "consensus", "orthogonalizer")
 )
-#: Keys of ``optimizer.params`` that select how parameters are grouped (ours, not PISA's constructor).
-#: (``agents``: mode B with that many agents; see :class:`AgentMPU`.)
-GROUPING_KEYS = ("param_groups", "matrix_preconditioner", "other_preconditioner", "other_options", "agents")
+#: Keys of ``optimizer.params`` that are ours, not PISA's constructor's: how parameters are grouped, and how the host
+#: runs them (``agents``: mode B with that many agents, see :class:`AgentMPU`; ``routing_bytes``: nsisa's routing
+#: buffers per rank and round, see `pisa_zero.routing.MatrixRouter`).
+GROUPING_KEYS = (
+    "param_groups",
+    "matrix_preconditioner",
+    "other_preconditioner",
+    "other_options",
+    "agents",
+    "routing_bytes",
+)
 #: Per-group options a ``other_options`` block may set.
 GROUP_OPTION_KEYS = (
     "lr",
@@ -94,6 +103,7 @@ class PISASpec:
     other_preconditioner: str
     other_options: dict
     agents: int = 1
+    routing_bytes: int | None = None  # None: pisa_zero.routing.ROUTING_BYTES
 
     def preconditioners(self) -> set[str]:
         if not self.auto_groups:
@@ -192,8 +202,16 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
     agents = params.get("agents", 1)
     if isinstance(agents, bool) or not isinstance(agents, int) or agents < 1:
         raise ValueError(f"pisa_zero.deepspeed: invalid optimizer.params.agents={agents!r}: expected an integer >= 1")
-    spec = PISASpec(kwargs, auto, matrix, other, other_options, agents)
+    routing_bytes = params.get("routing_bytes")
+    if routing_bytes is not None:
+        check_routing_bytes(routing_bytes, "pisa_zero.deepspeed", "optimizer.params.routing_bytes")
+    spec = PISASpec(kwargs, auto, matrix, other, other_options, agents, routing_bytes)
     _refuse_unread_keys(spec)
+    if routing_bytes is not None and "nsisa" not in spec.preconditioners():
+        raise ValueError(
+            f"pisa_zero.deepspeed: optimizer.params.routing_bytes={routing_bytes!r} is read by no param group: only "
+            f"nsisa groups route matrices, the groups here are {'/'.join(sorted(spec.preconditioners()))}; remove it"
+        )
     # Validation by PISA itself, on dummies: the message names the key and the value. (local_steps > 1 needs agents:
     # a one-agent dummy topology here; initialize() checks that the run has agents.)
     dummy = {}
@@ -266,6 +284,11 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
         raise ValueError(
             "pisa_zero.deepspeed: preconditioner 'nsisa' with bf16/fp16 at zero_optimization.stage=0 is not supported "
             "(DeepSpeed's FP16/BF16 optimizer wrappers flatten all parameters); use ZeRO stage 1, 2 or 3"
+        )
+    if spec.routing_bytes is not None and stage == 0:
+        raise ValueError(
+            "pisa_zero.deepspeed: optimizer.params.routing_bytes is read at zero_optimization.stage 1, 2 or 3 only "
+            "(stage 0 keeps whole matrices on every rank: nothing is routed); remove it"
         )
     grad_accum = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
     if "nsisa" in spec.preconditioners() and stage == 1 and low_precision and grad_accum in ("fp32", "float32"):

@@ -100,7 +100,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         kwargs["mpu"] = AgentMPU(topology)
     # ZeRO hands PISA flat partitions: nsisa routes their matrices' pieces (bound to the layout once it exists)
     partitioned = "nsisa" in spec.preconditioners() and zero_stage(cfg) != 0
-    orthogonalizer = PartitionOrthogonalizer() if partitioned else None
+    budget = {} if spec.routing_bytes is None else {"max_bytes_in_flight": spec.routing_bytes}
+    orthogonalizer = PartitionOrthogonalizer(**budget) if partitioned else None
     result = _original_initialize()(
         args=ds_args,
         model=model,

@@ -2,14 +2,15 @@
 
 Each flat fp32 partition (a ZeRO-1/2 param group or a ZeRO-3 sub-group) holds pieces of several parameters; its
 :class:`~.layout.PartitionLayout` says which, on every rank. The pieces of its matrices go through one
-`pisa_zero.routing.MatrixRouter` per partition; tensors that are not matrices keep ``u``.
+`pisa_zero.routing.MatrixRouter` per partition, in rounds of at most ``max_bytes_in_flight`` of routing buffers per
+rank (the JSON's ``optimizer.params.routing_bytes``); tensors that are not matrices keep ``u``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...routing import MatrixRouter, Piece
+from ...routing import ROUTING_BYTES, MatrixRouter, Piece, check_routing_bytes
 from .layout import PartitionLayout
 
 
@@ -17,7 +18,10 @@ class PartitionOrthogonalizer:
     """``PISA(orthogonalizer=...)`` for ZeRO partitions. Built with the optimizer (before DeepSpeed has partitioned
     anything) and bound to the engine's layouts by :meth:`bind` once ``deepspeed.initialize`` has built them."""
 
-    def __init__(self):
+    def __init__(self, max_bytes_in_flight: int | None = ROUTING_BYTES):
+        if max_bytes_in_flight is not None:
+            check_routing_bytes(max_bytes_in_flight, "PartitionOrthogonalizer")
+        self.max_bytes_in_flight = max_bytes_in_flight
         self.layouts: dict[int, PartitionLayout] | None = None
         self._routes: dict[int, tuple[MatrixRouter, list]] = {}
 
@@ -39,10 +43,10 @@ class PartitionOrthogonalizer:
             router, mine = self._route(layout)
             u = u.float()
             result = u.clone()
+            # each round writes its pieces of O straight into the result, so no list of them outlives a round
             local = [u[pc.local_start : pc.local_start + pc.numel] for pc in mine]
-            ortho = router.orthogonalize(local, ns_steps, compute_dtype, dtype=u.dtype, device=u.device)
-            for pc, o in zip(mine, ortho):
-                result[pc.local_start : pc.local_start + pc.numel] = o
+            into = [result[pc.local_start : pc.local_start + pc.numel] for pc in mine]
+            router.orthogonalize(local, ns_steps, compute_dtype, dtype=u.dtype, device=u.device, out=into)
             out.append(result)
         return out
 
@@ -51,5 +55,6 @@ class PartitionOrthogonalizer:
         if id(layout) not in self._routes:
             matrices = [[pc for pc in rank_pieces if len(pc.shape) == 2] for rank_pieces in layout.pieces]
             pieces = [[Piece(pc.name, pc.shape, pc.param_start, pc.numel) for pc in lst] for lst in matrices]
-            self._routes[id(layout)] = (MatrixRouter(pieces, layout.group), matrices[layout.rank])
+            router = MatrixRouter(pieces, layout.group, max_bytes_in_flight=self.max_bytes_in_flight)
+            self._routes[id(layout)] = (router, matrices[layout.rank])
         return self._routes[id(layout)]

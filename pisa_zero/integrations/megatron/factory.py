@@ -10,6 +10,7 @@ import torch
 
 from ...hyperparameters import validate_group
 from ...optimizer import PISA
+from ...routing import check_routing_bytes
 from .distributed_optimizer import PISADistributedOptimizer, bound_pisa_class
 from .groups import check_grouping, pisa_param_groups
 from .nsisa import ShardOrthogonalizer, check_nsisa
@@ -114,6 +115,7 @@ def _build(
     stats_group,
     instance_id: int,
     tp_group,
+    routing_bytes: int | None = None,
 ):
     """One PISADistributedOptimizer over ``groups`` (the dense or the expert-parallel ones), as Megatron's
     ``_get_megatron_optimizer_based_on_param_groups`` builds one Adam DistributedOptimizer."""
@@ -151,7 +153,8 @@ def _build(
     else:
         # the nsisa group with matrices (model params: the same on every DP rank, before Megatron shards them)
         nsisa = [i for i, g in enumerate(groups) if g["preconditioner"] == "nsisa" and g["params"]]
-        orthogonalizer = ShardOrthogonalizer() if nsisa else None
+        budget = {} if routing_bytes is None else {"max_bytes_in_flight": routing_bytes}
+        orthogonalizer = ShardOrthogonalizer(**budget) if nsisa else None
         pisa = PISA(groups, orthogonalizer=orthogonalizer, **options)  # validates the groups on the model params
         # A state-less AdamW carries the groups' parameter lists through DistributedOptimizer.__init__, which
         # accepts only Adam-family inner optimizers in Megatron 0.16.
@@ -194,6 +197,7 @@ def get_pisa_optimizer(
     preconditioner: str = "sisa",
     other_preconditioner: str | None = None,
     other_options: dict | None = None,
+    routing_bytes: int | None = None,
     **pisa_kwargs,
 ):
     """PISA in Megatron's DistributedOptimizer, chained for dense and expert-parallel parameters.
@@ -211,6 +215,8 @@ def get_pisa_optimizer(
             None: the same as ``preconditioner``.
         other_options: per-group overrides for those ('lr', 'betas', 'eps', 'sigma', 'rho', 'beta2', 'l2_lambda');
             'lr' becomes the groups' peak lr (``max_lr``, with ``min_lr`` scaled alike) for Megatron's scheduler.
+        routing_bytes: nsisa only: the whole-matrix routing buffers a DP rank holds per round, in bytes (None:
+            `pisa_zero.routing.ROUTING_BYTES`); a host option, not one of PISA's hyper-parameters.
         **pisa_kwargs: PISA options (:data:`PISA_KEYS`: sigma, rho, beta2, eps, l2_lambda, implementation, ...).
     """
     from megatron.core.optimizer import ChainedOptimizer
@@ -219,6 +225,13 @@ def get_pisa_optimizer(
     check_megatron()
     _validate(config, pisa_kwargs)
     check_grouping(preconditioner, other_preconditioner, other_options)
+    if routing_bytes is not None:
+        check_routing_bytes(routing_bytes, "get_pisa_optimizer", "routing_bytes")
+        if preconditioner != "nsisa":
+            raise ValueError(
+                f"get_pisa_optimizer: routing_bytes={routing_bytes} is read by nsisa only (it bounds the whole-matrix "
+                f"routing), not preconditioner={preconditioner!r}; remove it"
+            )
     if config.overlap_param_gather_with_optimizer_step:
         raise ValueError("get_pisa_optimizer: overlap_param_gather_with_optimizer_step is not supported")
     if model_chunks[0].ddp_config.use_megatron_fsdp:
@@ -244,6 +257,7 @@ def get_pisa_optimizer(
         return {i: getattr(c, name) for i, c in enumerate(model_chunks) if hasattr(c, name)}
 
     common = dict(stats_group=pgs["intra_dist_opt_group"], instance_id=instance_id, tp_group=tp_group)
+    common["routing_bytes"] = routing_bytes
     optimizers = [
         _build(
             config,

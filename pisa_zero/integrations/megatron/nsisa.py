@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ... import functional as F
-from ...routing import MatrixRouter, Piece
+from ...routing import ROUTING_BYTES, MatrixRouter, Piece, check_routing_bytes
 
 
 class ShardOrthogonalizer:
@@ -21,9 +21,14 @@ class ShardOrthogonalizer:
     The router is collective: a DP rank whose range holds no piece of the group still takes part
     (:meth:`join_if_empty`, called by the distributed optimizer before PISA's step, in which such a rank has no
     nsisa work and would otherwise not call the router).
+
+    ``max_bytes_in_flight``: the router's routing buffers per rank and round (`pisa_zero.routing.MatrixRouter`).
     """
 
-    def __init__(self):
+    def __init__(self, max_bytes_in_flight: int | None = ROUTING_BYTES):
+        if max_bytes_in_flight is not None:
+            check_routing_bytes(max_bytes_in_flight, "ShardOrthogonalizer")
+        self.max_bytes_in_flight = max_bytes_in_flight
         self.router = None
         self.group_index = None
         self._ids: list[int] = []
@@ -47,7 +52,8 @@ class ShardOrthogonalizer:
                 raise ValueError(f"PISA (Megatron): nsisa group holds {names[id(model_param)]}, which is not a matrix")
             span = dist_opt._get_model_param_range_map(model_param)["param"]
             pieces.append(Piece(names[id(model_param)], tuple(model_param.shape), span.start, span.size))
-        self.router = MatrixRouter.from_local_pieces(pieces, dist_opt.data_parallel_group)
+        group, budget = dist_opt.data_parallel_group, self.max_bytes_in_flight
+        self.router = MatrixRouter.from_local_pieces(pieces, group, max_bytes_in_flight=budget)
         self.group_index = group_index
         self._ids = [id(p) for p in shards]
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
