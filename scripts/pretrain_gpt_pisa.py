@@ -131,6 +131,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pisa-eps", type=float, default=1e-8, help="eps inside the preconditioner")
     g.add_argument("--pisa-momentum", type=float, default=0.95, help="nsisa's (Nesterov) momentum")
     g.add_argument("--pisa-ns-steps", type=int, default=5, help="nsisa's Newton-Schulz iterations")
+    g.add_argument(
+        "--pisa-ns-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="precision of nsisa's Newton-Schulz matmuls (auto: bf16 on GPUs, as Muon; float32 to force fp32)",
+    )
+    g.add_argument(
+        "--pisa-routing-bytes",
+        type=int,
+        default=None,
+        help="bytes in flight per rank while nsisa routes whole matrices to their owners (default 256 MiB): lower "
+        "it to cut the step's peak memory, at one more pair of all-to-alls per extra round",
+    )
     g.add_argument("--pisa-l2-lambda", type=float, default=0.0, help="server-side l2 term of the consensus")
     g.add_argument(
         "--pisa-state-dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the dual and second moment"
@@ -190,6 +203,7 @@ _MIN_INT = {
     "lr_warmup_iters": 0,
     "lr_decay_iters": 1,
     "pisa_ns_steps": 1,
+    "pisa_routing_bytes": 1,
     "pisa_diagnostics_interval": 0,
     "save_interval": 0,
     "log_interval": 1,
@@ -285,6 +299,8 @@ def _check_combinations(args, given: set, errors: list) -> None:
     if pre != "nsisa":
         unused("pisa_momentum", f"is nsisa's momentum: it needs --pisa-preconditioner nsisa, not {pre}")
         unused("pisa_ns_steps", f"is nsisa's Newton-Schulz count: it needs --pisa-preconditioner nsisa, not {pre}")
+        unused("pisa_ns_dtype", f"is nsisa's Newton-Schulz precision: it needs --pisa-preconditioner nsisa, not {pre}")
+        unused("pisa_routing_bytes", f"bounds nsisa's routing: it needs --pisa-preconditioner nsisa, not {pre}")
     if pre == "nsisa" and args.tensor_model_parallel_size != 1:
         errors.append(
             "--pisa-preconditioner nsisa needs --tensor-model-parallel-size 1 (Newton-Schulz on whole matrices; "
@@ -453,7 +469,9 @@ def optimizer_config(args):
 
 def pisa_options(args) -> dict:
     other = {"lr": args.pisa_aux_lr} if args.pisa_aux_lr is not None else None
+    routing = {"routing_bytes": args.pisa_routing_bytes} if args.pisa_routing_bytes is not None else {}
     return dict(
+        **routing,
         preconditioner=args.pisa_preconditioner,
         other_preconditioner=args.pisa_other_preconditioner,
         other_options=other,
@@ -463,6 +481,7 @@ def pisa_options(args) -> dict:
         eps=args.pisa_eps,
         momentum=args.pisa_momentum,
         ns_steps=args.pisa_ns_steps,
+        ns_dtype=args.pisa_ns_dtype,
         l2_lambda=args.pisa_l2_lambda,
         state_dtype=torch.bfloat16 if args.pisa_state_dtype == "bf16" else torch.float32,
     )

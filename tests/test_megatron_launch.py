@@ -105,6 +105,13 @@ BAD_FLAGS = [
     (["--pisa-preconditioner", "identity", "--pisa-eps", "1e-6"], "--pisa-eps is the preconditioner's eps"),
     (["--pisa-momentum", "0.9"], "--pisa-momentum is nsisa's momentum: it needs --pisa-preconditioner nsisa"),
     (["--pisa-ns-steps", "3"], "--pisa-ns-steps is nsisa's Newton-Schulz count"),
+    (["--pisa-ns-dtype", "float32"], "--pisa-ns-dtype is nsisa's Newton-Schulz precision"),
+    (["--pisa-routing-bytes", "4096"], "--pisa-routing-bytes bounds nsisa's routing"),
+    (
+        ["--pisa-preconditioner", "nsisa", "--pisa-routing-bytes", "0"],
+        "--pisa-routing-bytes=0: expected an integer >= 1",
+    ),
+    (["--pisa-preconditioner", "nsisa", "--pisa-ns-dtype", "fp8"], "--pisa-ns-dtype: invalid choice"),
     (["--lr-decay-style", "constant", "--min-lr", "1e-5"], "--min-lr is the end of the decay"),
     (["--lr-decay-style", "constant", "--lr-decay-iters", "50"], "--lr-decay-iters is the decay length"),
     (["--optimizer-offload-fraction", "0.5"], "--optimizer-offload-fraction is the offloaded fraction: it needs"),
@@ -125,7 +132,7 @@ ALWAYS_USED = {"-h", "--help", "--untie-embeddings-and-output-weights", "--no-pr
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS)
 def test_megatron_launch_every_bad_flag_is_named_before_any_work(argv, message, capsys, monkeypatch):
-    """Issue 20: out-of-range values, wrong types, sizes that do not divide, and flags the run would silently
+    """Out-of-range values, wrong types, sizes that do not divide, and flags the run would silently
     ignore, each refused by name at parse time (nothing imported from Megatron, no process group)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
@@ -389,3 +396,11 @@ def test_stop_request_close_puts_the_handlers_back():
     assert stop.reason == "SIGTERM" and stop.exit_code == 128 + signal.SIGTERM
     stop.close()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_megatron_launch_nsisa_precision_and_routing_reach_the_optimizer(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--pisa-preconditioner", "nsisa", "--pisa-ns-dtype", "float32", "--pisa-routing-bytes", "4096"]
+    options = script.pisa_options(script.parse_args(argv))
+    assert (options["ns_dtype"], options["routing_bytes"]) == ("float32", 4096)
+    assert "routing_bytes" not in script.pisa_options(script.parse_args(["--pisa-preconditioner", "nsisa"]))
