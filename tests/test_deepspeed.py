@@ -37,14 +37,7 @@ from tests.ds_scripts import checks as K  # noqa: E402
 from tests.ds_scripts import common as C  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NSISA = {
-    "sigma": 30.0,
-    "rho": 100.0,
-    "preconditioner": "nsisa",
-    "param_groups": "by_role",
-    "other_options": {"lr": 3e-3},
-    "implementation": "foreach",
-}
+NSISA = {**C.NSISA_PARAMS, "implementation": "foreach"}
 
 
 def nsisa_reference(model):

@@ -45,6 +45,14 @@ def batch(step: int, global_batch: int) -> torch.Tensor:
 
 #: The ``optimizer.params`` of `ds_config` unless told otherwise; `sisa_reference` is the same optimizer in Python.
 SISA_PARAMS = {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"}
+#: NSISA on the block matrices, the auxiliary AdamW on the rest (the shipped JSONs' grouping)
+NSISA_PARAMS = {
+    "sigma": 30.0,
+    "rho": 100.0,
+    "preconditioner": "nsisa",
+    "param_groups": "by_role",
+    "other_options": {"lr": 3e-3},
+}
 
 
 def sisa_reference(model):

@@ -17,13 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from tests.ds_scripts import common as C  # noqa: E402
 
-NSISA = {
-    "sigma": 30.0,
-    "rho": 100.0,
-    "preconditioner": "nsisa",
-    "param_groups": "by_role",
-    "other_options": {"lr": 3e-3},
-}
+NSISA = C.NSISA_PARAMS
 
 
 def run(cfg, steps):
