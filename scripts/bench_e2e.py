@@ -335,13 +335,16 @@ def launch(spec: dict, timeout: float, script: str = __file__) -> dict:
             for r in range(world)
         ]
         started = time.time()
+        codes = None
         try:
             codes = [p.wait(timeout=max(1.0, timeout - (time.time() - started))) for p in procs]
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            codes = [p.wait() for p in procs]
             logs[0].write(f"\n[killed after --timeout {timeout:g} s]\n")
+        finally:  # also on Ctrl-C or a test's timeout: no rank outlives the launch
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            codes = codes or [p.wait() for p in procs]
         if any(codes) or not all(os.path.exists(o) for o in outs):
             logs[0].seek(0)
             tail = logs[0].read()[-3000:]

@@ -1,9 +1,31 @@
+import os
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
 from distributed import one_thread
+
+STALE_LOCK_S = 1800  # a DeepSpeed CPU op builds in 1-3 minutes here; a lock this old belongs to a killed build
+
+
+def pytest_sessionstart(session):
+    """Refuse to start where torch's JIT-extension folder holds a stale ``lock``: a build killed mid-way (a stopped
+    test run) leaves one, and every later build of that op waits on it forever (torch.utils.file_baton), so each
+    DeepSpeed multi-rank test would hang to its timeout. (.ci/run builds into a fresh TORCH_EXTENSIONS_DIR.)"""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = get_default_build_root()
+    stale = []
+    for folder, _, files in os.walk(root):
+        if "lock" in files and time.time() - os.path.getmtime(os.path.join(folder, "lock")) > STALE_LOCK_S:
+            stale.append(os.path.join(folder, "lock"))
+    if stale:
+        raise pytest.UsageError(
+            f"stale torch extension build lock(s), older than {STALE_LOCK_S} s: {', '.join(stale)}. A build killed "
+            "mid-way leaves one and every later build of that op waits on it forever. Remove them (rm) and rerun."
+        )
 
 
 def pytest_collection_modifyitems(config, items):
