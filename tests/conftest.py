@@ -16,7 +16,8 @@ def pytest_sessionstart(session):
     DeepSpeed multi-rank test would hang to its timeout. (.ci/run builds into a fresh TORCH_EXTENSIONS_DIR.)"""
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = get_default_build_root()
+    # torch's loader honours TORCH_EXTENSIONS_DIR (cpp_extension._get_build_directory); get_default_build_root does not
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     stale = []
     for folder, _, files in os.walk(root):
         if "lock" in files and time.time() - os.path.getmtime(os.path.join(folder, "lock")) > STALE_LOCK_S:
