@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,19 @@ def orthogonalize(momentum: Tensor, steps: int = 5, compute_dtype: torch.dtype =
 NS_DTYPES = ("auto", "float32", "bfloat16")
 
 
+#: Overrides the CPU detection below ("1": fast bf16, "0": not), e.g. so that runs on CPUs with and without AMX
+#: compute the same "auto" Newton–Schulz (the test suite sets "0": its fp32 references must not depend on the CPU).
+CPU_BF16_ENV = "PISA_ZERO_CPU_FAST_BF16"
+
+
 @functools.cache
 def _cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX, which oneDNN uses for bf16 matmuls (elsewhere a CPU converts bf16 to fp32 and back)."""
+    override = os.environ.get(CPU_BF16_ENV)
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={override!r}: expected 0 or 1 (or unset: read the CPU's flags)")
+        return override == "1"
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())

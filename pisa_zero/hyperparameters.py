@@ -7,6 +7,8 @@ import difflib
 import math
 import numbers
 
+import torch
+
 from . import functional as F
 
 PRECONDITIONERS = (*F.PRECONDITIONERS, "adamw")
@@ -69,6 +71,8 @@ def validate_group(group: dict, where: str = "") -> None:
             raise ValueError(f"PISA: invalid centred_dual={group['centred_dual']!r}{where}: expected True or False")
         if group.get("ns_dtype", "auto") not in F.NS_DTYPES:
             raise HyperparameterError("ns_dtype", group["ns_dtype"], f"one of {F.NS_DTYPES}", where)
+        if group.get("ns_dtype", "auto") == "auto":
+            F.bf16_matmul_is_fast(torch.device("cpu"))  # a bad PISA_ZERO_CPU_FAST_BF16 fails here, before any step
         ns = group["ns_steps"]
         _check_range("ns_steps", ns, lambda x: isinstance(x, int) and x >= 1, "an integer ns_steps >= 1", where)
     _check_range("eps", group["eps"], lambda x: math.isfinite(x) and x > 0, "a finite eps > 0", where)

@@ -7,6 +7,13 @@ import pytest
 import torch
 from distributed import one_thread
 
+from pisa_zero import functional as F
+
+# "auto" Newton–Schulz runs in bf16 on CPUs with AVX512-BF16/AMX and in fp32 elsewhere; the suite's fp32 references
+# must give the same verdict on both, so every test process (and the ranks they launch, which inherit the
+# environment) takes the fp32 side. bf16 Newton–Schulz is tested by name (ns_dtype="bfloat16", test_ns_precision.py).
+os.environ[F.CPU_BF16_ENV] = "0"
+
 STALE_LOCK_S = 1800  # a DeepSpeed CPU op builds in 1-3 minutes here; a lock this old belongs to a killed build
 
 

@@ -81,6 +81,21 @@ def test_auto_picks_bf16_where_bf16_matmuls_are_fast(monkeypatch):
     assert F.ns_compute_dtype(cuda, torch.float64, "bfloat16") == torch.float64  # fp64 tensors stay fp64
 
 
+def test_the_cpu_detection_can_be_overridden_by_the_environment(monkeypatch):
+    cpu = torch.device("cpu")
+    try:
+        for value, expected in (("1", torch.bfloat16), ("0", torch.float32)):
+            monkeypatch.setenv(F.CPU_BF16_ENV, value)
+            F._cpu_has_fast_bf16.cache_clear()
+            assert F.ns_compute_dtype(cpu) == expected
+        monkeypatch.setenv(F.CPU_BF16_ENV, "yes")
+        F._cpu_has_fast_bf16.cache_clear()
+        with pytest.raises(ValueError, match=r"PISA_ZERO_CPU_FAST_BF16='yes': expected 0 or 1"):
+            PISA([torch.nn.Parameter(torch.zeros(4, 4))], sigma=1.0, rho=1.0, preconditioner="nsisa")
+    finally:
+        F._cpu_has_fast_bf16.cache_clear()  # the next test reads the suite's own setting (conftest.py) again
+
+
 def test_ns_dtype_reaches_the_newton_schulz_of_a_step():
     torch.manual_seed(0)
     start, grad = torch.randn(24, 16), torch.randn(24, 16)
