@@ -79,8 +79,9 @@ class PISA(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (w ← w (1 − lr·wd) before the step).
         ns_steps: Newton–Schulz iterations (nsisa).
         ns_dtype: precision of the Newton–Schulz matmuls (nsisa): "auto" (bf16 on accelerators and on CPUs with
-            AVX512-BF16/AMX, as Muon; fp32 elsewhere), "float32" or "bfloat16". The momentum, the normalisation and
-            everything after O stay fp32 (fp64 tensors use fp64 throughout).
+            AVX512-BF16/AMX, as Muon; fp32 elsewhere; ``PISA_ZERO_CPU_FAST_BF16=0|1`` overrides the CPU's flags),
+            "float32" or "bfloat16". The momentum, the normalisation and everything after O stay fp32 (fp64 tensors
+            use fp64 throughout).
         implementation: "single", "foreach", "compiled", or None for the fastest that works on the device.
         state_dtype: dtype of π, v and b (fp32 default, fp64 for fp64 parameters; bf16 halves their memory at the
             cost of rounding). The arithmetic is fp32, or fp64 for fp64 parameters.
