@@ -94,7 +94,7 @@ class Single:
         else:
             self.pisa, self.optimizers = None, baseline_optimizers(self.model, args)
         self.monitor = Diagnostics(self.pisa) if self.pisa is not None else None
-        self.accum = args.grad_accum
+        self.accum, self.clip = args.grad_accum, args.clip_grad
 
     can_skip = True  # a skipped step is simply no optimizer.step()
 
@@ -122,24 +122,42 @@ class Single:
 
     def step(self, flags: torch.Tensor, veto: torch.Tensor) -> tuple[bool, list[float]]:
         """The step's one finite check and one control all-reduce, which also sums the loop's ``flags``; every rank
-        steps or skips together (``veto``: this rank's loss was not finite). PISA makes both inside its step (FSDP2:
-        on its topology's all-reduce; one process: no collective); a baseline, or PISA with local steps (which
-        skips inside an agent), gets this rank's check folded into the flags' all-reduce here."""
+        steps or skips together (``veto``: this rank's loss was not finite). With ``--clip-grad`` the clip's global
+        norm is the check (inf/NaN anywhere makes it inf/NaN); without it the gradients are read once more. PISA
+        makes the check inside its step (FSDP2: on its topology's all-reduce; one process: no collective); a
+        baseline, or PISA with local steps (which skips inside an agent), gets it folded into the flags'
+        all-reduce here."""
+        norm = self._clip()
         pisa = self.pisa
         if pisa is not None and pisa.local_steps == 1:
             skipped = pisa.nonfinite_steps_skipped
-            pisa.step(extra=flags, veto=veto)
+            pisa.step(extra=flags, veto=veto, grad_norm=norm)
             pisa.zero_grad(set_to_none=True)
             return pisa.nonfinite_steps_skipped == skipped, pisa.extra_totals
         grads = [p.grad for p in self.params() if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        bad = veto | ~pisa_zero.functional.finite_flag(local) if local else veto
+        if norm is not None:  # (no local steps: --clip-grad is refused in mode B)
+            bad = veto | ~torch.isfinite(norm)
+        else:
+            bad = veto | ~pisa_zero.functional.finite_flag(local) if local else veto
         summed = all_reduce_sum(torch.cat([flags.double(), bad.double().reshape(1)])).tolist()
         for optimizer in self.optimizers:
             if summed[-1] == 0:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return summed[-1] == 0, summed[:-1]
+
+    def _clip(self) -> torch.Tensor | None:
+        """``--clip-grad``: the gradients scaled to a global norm of at most ``clip``; returns that norm before
+        clipping (FSDP2: over every rank's shards) or None without clipping."""
+        if not self.clip:
+            return None
+        params = [p for p in self.params() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # DTensor shards: the sum of squares over every rank (as torchtitan does)
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
+        return norm
 
     def set_local_batch(self, n: int):
         pass
@@ -179,7 +197,7 @@ class FSDP2(Single):
         else:
             self.pisa, self.optimizers = None, baseline_optimizers(self.model, args)
         self.monitor = Diagnostics(self.pisa) if self.pisa is not None else None
-        self.accum = args.grad_accum
+        self.accum, self.clip = args.grad_accum, args.clip_grad
 
     def grad_norm(self) -> float:
         agents = self.topology.agents if self.topology is not None else 1

@@ -155,6 +155,12 @@ def _pisa_overrides(config: dict, params: dict, args, explicit: set[str], say) -
     if {"aux_lr", "aux_weight_decay"} & explicit:
         _override(params.setdefault("other_options", {}), explicit, args, [("aux_lr", "lr")])
         _override(params["other_options"], explicit, args, [("aux_weight_decay", "weight_decay")])
+    if params.get("agents", 1) > 1 and "clip_grad" in explicit and args.clip_grad > 0:
+        raise ValueError(
+            f"--clip-grad {args.clip_grad}: {args.deepspeed_config} trains mode B (optimizer.params.agents="
+            f"{params['agents']}), whose agents each have their own gradient; DeepSpeed would clip every agent with "
+            "one agent's norm (no clipping in mode B)"
+        )
     if params.get("agents", 1) > 1 and config.get("gradient_clipping", 0):
         say(
             "[pisa_zero] mode B: the config's gradient_clipping is turned off (DeepSpeed would clip every agent "
@@ -183,6 +189,7 @@ def deepspeed_config(args, explicit: set[str], logdir: str | None, say=print) ->
     source = args.deepspeed_config
     config = _read(source)
     _batch(config, args, explicit, source, say)
+    _override(config, explicit, args, [("clip_grad", "gradient_clipping")])
     kind, params = _optimizer_kind(config, args, explicit, source, say)
     if kind == "pisa":
         _pisa_overrides(config, params, args, explicit, say)

@@ -134,6 +134,14 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--aux-lr", type=float, default=3e-3, help="lr of the auxiliary AdamW group (PISA, Muon)")
     o.add_argument("--aux-weight-decay", type=float, default=0.0, help="weight decay of the auxiliary AdamW group")
+    o.add_argument(
+        "--clip-grad",
+        type=float,
+        default=0.0,
+        help="clip the gradients' global norm to this value (0: no clipping; Megatron's --clip-grad). single/fsdp2: "
+        "the clip's norm also decides the non-finite skip (a non-finite norm skips the step on every rank), so the "
+        "gradients are read once, not twice. deepspeed: sets the JSON's gradient_clipping",
+    )
     o.add_argument("--momentum", type=float, default=0.95, help="nsisa (and Muon) momentum μ")
     o.add_argument("--beta2", type=float, default=0.999, help="sisa second-moment β₂")
     o.add_argument("--l2-lambda", type=float, default=0.0, help="λ, the consensus ℓ2 term")
@@ -288,6 +296,7 @@ def _check_ranges(args, error) -> None:
         ("rho", args.rho >= 0 and math.isfinite(args.rho), "a finite number >= 0"),
         ("aux_lr", args.aux_lr > 0 and math.isfinite(args.aux_lr), "a finite number > 0"),
         ("lr", args.lr is None or (args.lr > 0 and math.isfinite(args.lr)), "a finite number > 0"),
+        ("clip_grad", args.clip_grad >= 0 and math.isfinite(args.clip_grad), "a finite number >= 0 (0: off)"),
         ("momentum", 0 <= args.momentum < 1, "in [0, 1)"),
         ("beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
         ("l2_lambda", args.l2_lambda >= 0 and math.isfinite(args.l2_lambda), "a finite number >= 0"),
@@ -328,6 +337,11 @@ def _check_combinations(args, error) -> None:
             error(f"--{flag.replace('_', '-')} changes the local-step round: it needs --local-steps H > 1")
     if args.prox_sigma is not None and not (math.isfinite(args.prox_sigma) and args.prox_sigma > 0):
         error(f"--prox-sigma={args.prox_sigma}: expected a finite value > 0")
+    if args.clip_grad > 0 and args.agents > 1:  # (a DeepSpeed JSON's agents: engine/dsconfig.py)
+        error(
+            f"--clip-grad {args.clip_grad} with --agents {args.agents}: mode B agents each have their own gradient; "
+            "one norm over all agents' would clip each agent by the others' (no clipping in mode B)"
+        )
     if args.heterogeneity and args.agents < 2:
         error("--heterogeneity gives each agent its own data: it needs --agents M with M > 1")
     for flag in ("cpu_offload",) + (("dtype",) if args.backend == "single" else ()):

@@ -52,6 +52,7 @@ RESUME_FLAGS = {
     "warmup_steps": ("--warmup-steps", HONOURED),
     "schedule": ("--schedule", HONOURED),
     "min_lr_ratio": ("--min-lr-ratio", HONOURED),
+    "clip_grad": ("--clip-grad", HONOURED),
     # optimizer hyper-parameters (param-group keys): the load brings back the checkpoint's; this run's are put back
     "sigma": ("--sigma", HONOURED),
     "rho": ("--rho", HONOURED),
@@ -71,7 +72,7 @@ RESUME_FLAGS = {
 }
 #: settings of run.json taken from the command line as they are
 _ARG_SETTINGS = ("batch_size", "grad_accum", "seed", "heterogeneity", "dropout")
-_ARG_SETTINGS += ("max_steps", "warmup_steps", "schedule", "min_lr_ratio")
+_ARG_SETTINGS += ("max_steps", "warmup_steps", "schedule", "min_lr_ratio", "clip_grad")
 #: param-group keys compared before/after a load (``lr`` is the schedule's; ``local_calls``/``round_tokens`` are state)
 GROUP_KEYS = ("sigma", "rho", "lr_ref", "momentum", "beta2", "l2_lambda", "weight_decay", "prox_sigma", "betas")
 GROUP_KEYS += ("eps", "nesterov", "ns_steps", "centred_dual")

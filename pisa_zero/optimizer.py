@@ -261,11 +261,15 @@ class PISA(torch.optim.Optimizer):
         return group["sigma"] * scale, group["rho"] * scale
 
     @torch.no_grad()
-    def step(self, closure=None, *, extra=None, veto=False):
+    def step(self, closure=None, *, extra=None, veto=False, grad_norm=None):
         """One step. A training loop may hand this rank's ``extra`` floats or 1-D tensor (a loss, a stop request)
         to the step's control all-reduce and read their sums over the topology's ranks from ``extra_totals``
         afterwards (without a topology they come back as given); ``veto`` (a bool or a 0-d tensor, e.g. a non-finite
-        loss) skips the step on every rank. Not with ``local_steps > 1``, whose skip is decided inside the agent."""
+        loss) skips the step on every rank. ``grad_norm``: the gradients' total norm over every rank that holds
+        them, already computed (``clip_grad_norm_``'s return): a non-finite norm skips the step and the separate
+        finite check (a second read of every gradient) is not made; an inf/NaN in any gradient makes the norm
+        inf/NaN, so the decisions are the same. Not with ``local_steps > 1``, whose skip is decided inside the
+        agent."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -278,25 +282,33 @@ class PISA(torch.optim.Optimizer):
             if group["lr"] != 0
         ]
         active = [(group, params) for group, params in active if params]
-        if not active and extra is None and veto is False:
+        if grad_norm is not None and not self.skip_nonfinite:
+            raise ValueError("PISA: step(grad_norm=) decides the non-finite skip, but skip_nonfinite=False")
+        if not active and extra is None and veto is False and grad_norm is None:
             return loss
         if self._rounds is not None:  # H local steps per round (pisa_zero.local_steps)
-            if extra is not None or veto is not False:
-                raise ValueError("PISA: step(extra=, veto=) needs local_steps=1 (the round decides inside the agent)")
+            if extra is not None or veto is not False or grad_norm is not None:
+                raise ValueError(
+                    "PISA: step(extra=, veto=, grad_norm=) needs local_steps=1 (the round decides inside the agent)"
+                )
             self._rounds.step(active)
             return loss
-        # The step's one finite check (one read of the gradients, one host sync) and, with a topology, its one
-        # control all-reduce, which also agrees α: every rank skips or none does.
+        # The step's one finite check (one read of the gradients, or the host's norm; one host sync) and, with a
+        # topology, its one control all-reduce, which also agrees α: every rank skips or none does.
         grads = [_local(p.grad) for _, params in active for p in params]
+        check_grads = self.skip_nonfinite and grad_norm is None
+        if grad_norm is not None:
+            norm = torch.as_tensor(grad_norm).reshape(())  # stays on its device: the one host sync comes below
+            veto = torch.as_tensor(veto, device=norm.device).reshape(()) | ~torch.isfinite(norm)
         if self.consensus is not None:
-            go = self.consensus.begin_step(grads, self.skip_nonfinite, () if extra is None else extra, veto)
+            go = self.consensus.begin_step(grads, check_grads, () if extra is None else extra, veto)
             self.extra_totals = self.consensus.extra_totals
         elif extra is None and veto is False:
-            go = not self.skip_nonfinite or F.all_finite(grads)
+            go = not check_grads or F.all_finite(grads)
         else:  # the same vector as the topology's, read back without a collective
             device = grads[0].device if grads else torch.device("cpu")
             totals = control_all_reduce(
-                grads, self.skip_nonfinite, 1.0, () if extra is None else extra, veto, device, None, False
+                grads, check_grads, 1.0, () if extra is None else extra, veto, device, None, False
             )
             go, self.extra_totals = math.isfinite(totals[0]), totals[1:]
         if not go:
