@@ -41,16 +41,20 @@ Megatron 0.16 assumptions this package meets without patching Megatron:
 - Checkpoint formats: ``dp_reshardable`` (the default here) and ``fully_reshardable``; Megatron's own default
   ``fully_sharded_model_space`` fails on any device in 0.16 ("flattened_range is not supported") and is refused.
 - Non-finite gradients: Megatron skips a step only when an fp16 grad scaler finds inf/NaN. Without a scaler the
-  PISA optimizer checks its shards, agrees over ``grad_stats_parallel_group`` (one 4-byte all-reduce) and skips the
-  step on every rank (``optimizer.step()`` returns ``(False, None, None)`` as Megatron's own skip does).
+  step's gradient norm decides (`PISAChainedOptimizer`): ``ChainedOptimizer.step`` computes that norm every step,
+  summed over ``grad_stats_parallel_group``, so an inf/NaN in any rank's shard makes it non-finite on every rank,
+  and the step is skipped on all (``optimizer.step()`` returns ``(False, None, None)`` as Megatron's own skip
+  does) with no second read of the gradients. A bare `PISADistributedOptimizer` checks its shards itself and agrees
+  over the same group (one 4-byte all-reduce).
 """
 
-from .distributed_optimizer import PISADistributedOptimizer
+from .distributed_optimizer import PISAChainedOptimizer, PISADistributedOptimizer
 from .factory import get_pisa_optimizer, optimizer_summary
 from .groups import pisa_param_groups
 from .nsisa import ShardOrthogonalizer
 
 __all__ = [
+    "PISAChainedOptimizer",
     "PISADistributedOptimizer",
     "ShardOrthogonalizer",
     "get_pisa_optimizer",

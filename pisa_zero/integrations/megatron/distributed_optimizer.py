@@ -4,9 +4,11 @@ group matching, checkpoint formats, the agreed non-finite skip, NSISA's empty-ra
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
+from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -51,10 +53,14 @@ class PISADistributedOptimizer(DistributedOptimizer):
             self.optimizer._sync_sub_optimizers_state_to_hdo()
 
     # ------------------------------------------------------------------------------------- non-finite skip
+    norm_decides_skip = False  # set by PISAChainedOptimizer, whose gradient norm is the finite check
+
     @torch.no_grad()
     def prepare_grads(self) -> bool:
         found_inf = super().prepare_grads()
         if self.grad_scaler or self.is_stub_optimizer:  # the scaler's check already ran, agreed by all ranks
+            return found_inf
+        if self.norm_decides_skip:
             return found_inf
         grads = [g for g in self._collect_main_grad_data_for_unscaling() if g is not None]
         finite = F.all_finite(grads) if grads else True
@@ -203,3 +209,45 @@ def bound_pisa_class(options: dict) -> type:
 
     BoundPISA.__name__ = BoundPISA.__qualname__ = "PISA"
     return BoundPISA
+
+
+class PISAChainedOptimizer(ChainedOptimizer):
+    """Megatron's ChainedOptimizer whose gradient norm is also the non-finite check. Megatron computes that norm
+    every step (for ``clip_grad`` and its log) and reads every gradient for it; an inf/NaN in any rank's gradient
+    makes it inf/NaN on every rank (it is summed over the grad-stats group). So the step decides the skip from the
+    norm and the optimizers make no second read. The norm is computed in ``prepare_grads``, where the skip must be
+    decided (``step()`` then returns ``(False, None, None)`` as for Megatron's own skip), and handed to the
+    ``get_grad_norm`` call that ``step()`` makes next. With an fp16 grad scaler the scaler's check decides, as
+    Megatron does."""
+
+    def __init__(self, chained_optimizers):
+        super().__init__(chained_optimizers)
+        self._step_norm = None
+        self._norm_decides = not any(o.grad_scaler or o.is_stub_optimizer for o in chained_optimizers)
+        for opt in chained_optimizers:
+            opt.norm_decides_skip = self._norm_decides
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        found_inf = super().prepare_grads()
+        if found_inf or not self._norm_decides:
+            return found_inf
+        norm = super().get_grad_norm()
+        if math.isfinite(norm):
+            self._step_norm = norm
+            return False
+        for dist_opt in self.chained_optimizers:
+            for opt in dist_opt._pisa_optimizers():
+                opt.nonfinite_steps_skipped += 1
+        logger.warning("PISA (Megatron): non-finite gradient norm (inf/NaN on some rank); step skipped on all ranks")
+        return True
+
+    @torch.no_grad()
+    def get_grad_norm(self):
+        norm, self._step_norm = self._step_norm, None
+        return norm if norm is not None else super().get_grad_norm()
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        self._step_norm = None  # a step() that did not ask for the norm leaves none behind for a later caller
+        return super().step_with_ready_grads()

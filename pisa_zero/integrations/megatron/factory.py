@@ -11,7 +11,7 @@ import torch
 from ...hyperparameters import validate_group
 from ...optimizer import PISA
 from ...routing import check_routing_bytes
-from .distributed_optimizer import PISADistributedOptimizer, bound_pisa_class
+from .distributed_optimizer import PISAChainedOptimizer, PISADistributedOptimizer, bound_pisa_class
 from .groups import check_grouping, pisa_param_groups
 from .nsisa import ShardOrthogonalizer, check_nsisa
 
@@ -54,6 +54,7 @@ def check_megatron() -> None:
         (mopt_optimizer, "param_group_identifier_keys"),
         (ProcessGroupCollection, "setup_process_groups_for_optimizer"),
         *((DistributedOptimizer, name) for name in _DISTRIBUTED_OPTIMIZER_INTERNALS),
+        *((mopt.ChainedOptimizer, name) for name in ("prepare_grads", "get_grad_norm", "step_with_ready_grads")),
     ]
     missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name in needed if not hasattr(owner, name)]
     version = megatron_version()
@@ -219,7 +220,6 @@ def get_pisa_optimizer(
             `pisa_zero.routing.ROUTING_BYTES`); a host option, not one of PISA's hyper-parameters.
         **pisa_kwargs: PISA options (:data:`PISA_KEYS`: sigma, rho, beta2, eps, l2_lambda, implementation, ...).
     """
-    from megatron.core.optimizer import ChainedOptimizer
     from megatron.core.utils import get_pg_rank
 
     check_megatron()
@@ -285,7 +285,7 @@ def get_pisa_optimizer(
                 **common,
             )
         )
-    return ChainedOptimizer(optimizers)
+    return PISAChainedOptimizer(optimizers)
 
 
 def _process_groups(model_chunks: list, use_gloo_process_groups: bool, pg_collection):
