@@ -68,8 +68,11 @@ def loss_fn(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def reference_run(steps, agents, sizes, heterogeneous, preconditioner, hp, seed=0, alphas=None, dtype=torch.float64):
-    """The float64 m-agent reference fed the same per-agent batches; returns {name: tensor}."""
+def reference_run(
+    steps, agents, sizes, heterogeneous, preconditioner, hp, seed=0, alphas=None, dtype=torch.float64, skip=()
+):
+    """The float64 m-agent reference fed the same per-agent batches; returns {name: tensor}. The batches of the
+    steps in ``skip`` are left out (a step every agent skipped is one that never happened)."""
     model = make_model(seed).to(dtype)
     names = [n for n, _ in model.named_parameters()]
     pools = agent_pools(agents, heterogeneous)
@@ -79,6 +82,8 @@ def reference_run(steps, agents, sizes, heterogeneous, preconditioner, hp, seed=
         [p.detach() for p in model.parameters()], agents, preconditioner=preconditioner, dtype=dtype, **hp
     )
     for t in range(steps):
+        if t in skip:
+            continue
         fns = []
         for i in range(agents):
             x, y = agent_batch(pools, i, t, sizes[i])
@@ -113,3 +118,53 @@ def assert_matches_reference(got, steps, agents, sizes, heterogeneous, precondit
     tol = max(floor, 3 * fp32_roundoff(*args, alphas=alphas))
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g} vs the {agents}-agent reference"
     return err
+
+
+# ------------------------------------------------------------------------------------------- bf16 bounds
+BF16_U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, round to nearest
+
+# aten operations that move, view, select or build values without arithmetic: exact in bf16
+_EXACT_OPS = {
+    "alias", "arange", "as_strided", "cat", "clone", "constant_pad_nd", "copy_", "detach", "embedding", "empty",
+    "empty_like", "expand", "fill_", "full", "index_select", "masked_fill", "new_empty", "new_ones", "new_zeros",
+    "ones", "ones_like", "permute", "select", "slice", "split", "split_with_sizes", "squeeze", "stack", "t",
+    "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "where", "zero_", "zeros", "zeros_like",
+}  # fmt: skip
+
+
+def bf16_roundings(fn) -> int:
+    """The bf16 roundings one call of ``fn`` makes (e.g. a bf16 model's forward and backward): every aten operation
+    that computes a bf16 result, each rounding its output once (fp32 → bf16 casts included, exact moves excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16]
+            if name == "_to_copy":  # a cast rounds when it narrows
+                wider = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16]
+                outs = outs if wider else []
+            if outs and name not in _EXACT_OPS:
+                Count.n += 1
+            return out
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def bf16_bound(roundings: int, path: float, norm: float) -> float:
+    """The bound on one tensor's relative error ‖w_bf16 − w‖/‖w‖ after a run, w the run without bf16 rounding.
+
+    Each rounding perturbs a value by at most u = 2^-8 of itself; to first order (condition numbers ≤ 1, no
+    cancellation among the roundings) the ``roundings`` of one step perturb that step's gradient and so the step
+    Δ_t it takes by at most roundings · u of ‖Δ_t‖ (PISA's h / (σ + ρq) and AdamW's m / √v pass a relative
+    perturbation through with a factor ≤ 1). The perturbations add along the trajectory: ‖w_bf16 − w‖ ≤
+    roundings · u · Σ_t ‖Δ_t‖, and ``path`` = Σ_t ‖Δ_t‖ is the reference's own path length for this tensor.
+    Dividing by ``norm`` = ‖w‖ makes it a relative bound; a tensor far from where it started (a zero-initialised
+    bias) gets the full path, one that barely moved (a LayerNorm weight) almost none."""
+    return roundings * BF16_U * path / norm

@@ -52,10 +52,36 @@ def nsisa_reference(model):
 
 
 FP32_TOL = 1e-6
-# bf16 model/gradients with fp32 master partitions vs the same run in fp32: relative weight difference after 20
-# nsisa+AdamW steps (measured 3.8e-2; one step: 5e-2 of the update; docs/deepspeed.md) and loss-curve difference.
-BF16_TOL = 8e-2
+# bf16 model/gradients with fp32 master partitions vs the same run without bf16: every tensor's relative error
+# against a bound from bf16's unit roundoff u = 2^-8 (tests/_consensus_common.bf16_bound): roundings · u · the
+# tensor's path length in the reference / its norm, where roundings is what one step rounds in bf16 (counted:
+# `bf16_step_roundings`). Loss-curve difference as before.
 BF16_LOSS_TOL = 5e-2
+
+
+def bf16_step_roundings(micro: int, clipping: bool = False) -> int:
+    """The bf16 roundings of one DeepSpeed bf16 step on the tiny GPT-2: its micro-batch forward and backward
+    (counted by tests/_consensus_common.bf16_roundings: 101 with torch 2.13/2.14 and transformers 5), the bf16 copy
+    of the fp32 master weights (1), the reduction of the bf16 gradients over the ranks (2: the sum and the average)
+    and, with clipping, the scaling by the clip coefficient (1)."""
+    from tests._consensus_common import bf16_roundings
+
+    model = C.make_model().to(torch.bfloat16)
+    x = C.batch(0, micro)
+    with one_thread():
+        forward_backward = bf16_roundings(lambda: model(x, labels=x).loss.backward())
+    return forward_backward + 1 + 2 + int(clipping)
+
+
+def assert_bf16_tracks(got, ref, paths, roundings, what):
+    """Every tensor of ``got`` (a bf16 run) within its bf16 bound of ``ref`` (the same run without bf16)."""
+    errors = C.bf16_tensor_errors(got, ref, paths, roundings)
+    over = {n: e for n, e in errors.items() if e[0] > e[1]}
+    assert not over, f"{what}: (relative error, bound) over the bound: {over}"
+    assert max(e for e, _ in errors.values()) > 0, f"{what}: bit-identical to the fp32 run: bf16 was not used"
+    worst = max(errors, key=lambda n: errors[n][0] / errors[n][1])
+    print(f"{what}: worst tensor {worst}: relative error {errors[worst][0]:.2e}, bound {errors[worst][1]:.2e}")
+    return errors
 
 
 def reference(cfg, steps, make_optimizer, world=2):
@@ -395,13 +421,29 @@ def _job(fn, **kwargs):
     return lambda rank, world: getattr(K, fn)(rank, world, **kwargs)
 
 
+# bf16 at ZeRO-1/2 with a NaN in one element of rank 1's gradient at step 2 (tests/ds_scripts/checks.py nan_step):
+# the run, the same run that never saw step 2's batch, and (ZeRO-2) the run with check_grad_overflow set off.
+NAN_STEPS, NAN_AT = 4, (2, 1)  # (step, rank)
+NAN_CFGS = {
+    "z1": C.ds_config(1, 2, bf16={"enabled": True}),
+    "z2": C.ds_config(2, 2, bf16={"enabled": True}),
+    "z2_off": C.ds_config(2, 2, bf16={"enabled": True, "check_grad_overflow": False}),
+}
+NAN_JOBS = {f"nan_{k}": _job("nan_step", cfg=c, steps=NAN_STEPS, nan_at=NAN_AT) for k, c in NAN_CFGS.items()}
+NAN_JOBS |= {
+    f"nan_{k}_ref": _job("nan_step", cfg=NAN_CFGS[k], steps=NAN_STEPS, leave_out=NAN_AT[0]) for k in ("z1", "z2")
+}
+
 LAUNCHES = {
     "stages": lambda: {k: _job("train_and_gather", cfg=c, steps=20) for k, c in STAGE_CFGS.items()},
     "nsisa": lambda: (
         {k: _job("train_and_gather", cfg=c, steps=10) for k, c in NSISA_CFGS.items()}
         | {"unhooked": _job("unhooked_nsisa", cfg=C.ds_config(2, 2))}
     ),
-    "schedulers": lambda: {k: _job("train_and_gather", cfg=c, steps=SCHED_STEPS[k]) for k, c in SCHED_CFGS.items()},
+    "schedulers": lambda: (
+        {k: _job("train_and_gather", cfg=c, steps=SCHED_STEPS[k], path=k == "fp32_z3") for k, c in SCHED_CFGS.items()}
+        | NAN_JOBS
+    ),
 }
 
 
@@ -409,7 +451,7 @@ LAUNCHES = {
 def ds_runs():
     runs = {}
 
-    def results(launch, name):
+    def results(launch, name, every_rank=False):
         if launch not in runs:
             try:
                 runs[launch] = run_scenarios(LAUNCHES[launch](), 2, timeout=400)
@@ -417,7 +459,7 @@ def ds_runs():
                 runs[launch] = e
         if isinstance(runs[launch], Exception):
             raise runs[launch]
-        return runs[launch][name][0]
+        return runs[launch][name] if every_rank else runs[launch][name][0]
 
     return results
 
@@ -461,8 +503,9 @@ def test_nsisa_whole_matrices_on_zero_1_2_3(ds_runs, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*SCHEDS, "bf16_z3", "bf16_z2", "off_z2", "off_z3"])
 def test_schedulers_bf16_and_offload(ds_runs, name):
-    """DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR drive σ, ρ through lr; bf16 ZeRO-3 tracks fp32;
-    CPU offload at ZeRO-2 and ZeRO-3 == no offload (bit-identical)."""
+    """DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR drive σ, ρ through lr; bf16 ZeRO-2 and ZeRO-3 track
+    fp32 tensor by tensor within bf16's bound (`assert_bf16_tracks`); CPU offload at ZeRO-2 and ZeRO-3 == no offload
+    (bit-identical)."""
     res = lambda k: ds_runs("schedulers", k)  # noqa: E731
     if name in SCHEDS:
         sigma, rho = 2.0, 50.0
@@ -475,18 +518,58 @@ def test_schedulers_bf16_and_offload(ds_runs, name):
                 assert s == pytest.approx(sigma * lr_ref / lr, rel=1e-12) and r == pytest.approx(rho * lr_ref / lr)
         ref, _, _ = reference(SCHED_CFGS[name], 8, C.sisa_reference)
         assert C.rel_err(w, ref) <= FP32_TOL, name
-    elif name == "bf16_z3":
-        bf16_err = C.rel_err(res("bf16_z3")[0], res("fp32_z3")[0])
-        assert 0 < bf16_err <= BF16_TOL, bf16_err
-        loss_gap = max(abs(a - b) for a, b in zip(res("bf16_z3")[1], res("fp32_z3")[1]))
-        assert loss_gap <= BF16_LOSS_TOL, loss_gap
-        assert res("bf16_z3")[1][-1] < res("bf16_z3")[1][0] - 0.3
-    elif name == "bf16_z2":
-        assert C.rel_err(res("bf16_z2")[0], res("fp32_z3")[0]) <= BF16_TOL
+    elif name in ("bf16_z3", "bf16_z2"):  # every tensor within its bf16 bound of the fp32 ZeRO-3 run
+        fp32_w, _, _, fp32_info = res("fp32_z3")
+        assert_bf16_tracks(res(name)[0], fp32_w, fp32_info["path"], bf16_step_roundings(C.MICRO), name)
+        if name == "bf16_z3":
+            loss_gap = max(abs(a - b) for a, b in zip(res("bf16_z3")[1], res("fp32_z3")[1]))
+            assert loss_gap <= BF16_LOSS_TOL, loss_gap
+            assert res("bf16_z3")[1][-1] < res("bf16_z3")[1][0] - 0.3
     else:  # off_z2, off_z3
         assert res(name)[3]["offload"]
         w = res(name)[0]
         assert all(torch.equal(w[n], res("fp32_z2")[0][n]) for n in w), name
+
+
+def test_bf16_check_grad_overflow_is_set_at_zero_1_2():
+    """initialize's config: bf16 at ZeRO-1/2 gets ``bf16.check_grad_overflow: true`` (not at ZeRO-3, whose own
+    check is always on, nor without bf16); a user's explicit false is kept."""
+    spec = ds_config.parse_pisa_params({})
+    for stage, bf16, expected in ((1, True, True), (2, True, True), (3, True, None), (2, False, None)):
+        cfg = ds_config.prepare_config(C.ds_config(stage, 2, bf16={"enabled": bf16}), spec)
+        assert cfg["bf16"].get("check_grad_overflow") is expected, (stage, bf16)
+    cfg = ds_config.prepare_config(NAN_CFGS["z2_off"], spec)
+    assert cfg["bf16"]["check_grad_overflow"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["z1", "z2"])
+def test_bf16_nonfinite_gradient_skipped_on_every_rank(ds_runs, stage):
+    """bf16 ZeRO-1/2 (sisa), a NaN in one element of rank 1's gradient at step 2: after the reduce-scatter only one
+    rank's partition holds it. The ranks run with DeepSpeed's own default for bf16 ``check_grad_overflow`` turned
+    off (as before DeepSpeed had the option), so the check is the one pisa_zero's config sets: DeepSpeed's global
+    overflow test skips the step on both ranks before PISA sees it. Both ranks count one skipped step, their PISA
+    step counters agree, and the weights are bit-identical to the same run that never saw step 2's batch."""
+    runs = ds_runs("schedulers", f"nan_{stage}", every_rank=True)
+    ref = ds_runs("schedulers", f"nan_{stage}_ref", every_rank=True)
+    for r, q in zip(runs, ref):
+        assert all(torch.equal(r["weights"][n], q["weights"][n]) for n in q["weights"]), stage
+    for r in runs:
+        assert (r["ds_skipped"], r["pisa_skipped"], r["pisa_steps"]) == (1, 0, [NAN_STEPS - 1]), r
+        assert r["check_grad_overflow"] is True and r["finite"]
+
+
+@pytest.mark.slow
+def test_bf16_without_check_grad_overflow_ranks_diverge(ds_runs):
+    """What the setting prevents: the same NaN with ``check_grad_overflow: false`` (explicit) reaches PISA, whose
+    skip is the rank's own (no topology in mode A): the rank holding the NaN skips, the other steps; the step
+    counters disagree and the weights leave the never-saw-it reference."""
+    off = ds_runs("schedulers", "nan_z2_off", every_rank=True)
+    ref = ds_runs("schedulers", "nan_z2_ref")
+    assert all(r["check_grad_overflow"] is False and r["ds_skipped"] == 0 for r in off)
+    assert sorted(r["pisa_skipped"] for r in off) == [0, 1]
+    assert sorted(r["pisa_steps"][0] for r in off) == [NAN_STEPS - 1, NAN_STEPS]
+    assert C.rel_err(off[0]["weights"], ref["weights"]) > 1e-3
 
 
 @pytest.mark.slow
@@ -573,7 +656,8 @@ def _nonfinite_checkpoints_are_refused(zero_dir, converted):
 def test_unchanged_user_script_with_register_under_deepspeed_launcher(tmp_path):
     """Must-show: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 <plain script + register()> --deepspeed_config
     configs/pisa_zero3.json` trains with PISA (loss falls) and matches single-process PISA (shipped config: bf16 and
-    clipping → documented tolerance; the same config in fp32 without clipping → ≤ 1e-6)."""
+    clipping → every tensor within its bf16 bound, `assert_bf16_tracks`; the same config in fp32 without clipping →
+    ≤ 1e-6)."""
     script = os.path.join(ROOT, "tests", "ds_scripts", "user_train.py")
     with open(os.path.join(ROOT, "configs", "pisa_zero3.json")) as f:
         shipped = json.load(f)
@@ -609,12 +693,18 @@ def test_unchanged_user_script_with_register_under_deepspeed_launcher(tmp_path):
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # loss falls
         world = 2
         mb, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps", 1)
+        trajectory = []
         with one_thread():
-            ref_model, _, _ = _user_reference(cfg, steps, world * mb * accum)
+            ref_model, _, _ = _user_reference(cfg, steps, world * mb * accum, trajectory)
         ref = {n: p.detach() for n, p in ref_model.named_parameters()}
-        err = C.rel_err(r["weights"], ref)
-        assert err <= (BF16_TOL if name == "shipped" else FP32_TOL), (name, err)
-        print(f"user script {name}: relative weight difference to single-process PISA {err:.2e}")
+        if name == "fp32":
+            err = C.rel_err(r["weights"], ref)
+            assert err <= FP32_TOL, (name, err)
+        else:  # bf16 and clipping: every tensor within its bf16 bound of single-process (fp32) PISA
+            roundings = bf16_step_roundings(mb, clipping=cfg["gradient_clipping"] > 0)
+            errors = assert_bf16_tracks(r["weights"], ref, C.path_lengths(trajectory), roundings, "user script")
+            err = max(e for e, _ in errors.values())
+        print(f"user script {name}: largest relative tensor difference to single-process PISA {err:.2e}")
 
 
 def _shipped_reference(model, params):
@@ -641,10 +731,15 @@ def _shipped_reference(model, params):
     )
 
 
-def _user_reference(cfg, steps, global_batch):
+def _user_reference(cfg, steps, global_batch, trajectory=None):
+    """Single-process PISA on the user script's batches; ``trajectory`` (a list) gets the weights before the first
+    step and after every step."""
     from tests.ds_scripts import user_train as U
 
+    snapshot = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
     model = U.build_model()
+    if trajectory is not None:
+        trajectory.append(snapshot())
     opt = _shipped_reference(model, cfg["optimizer"]["params"])
     sched = C.ds_scheduler(cfg, opt)
     clip = cfg.get("gradient_clipping", 0.0)
@@ -660,6 +755,8 @@ def _user_reference(cfg, steps, global_batch):
         opt.zero_grad(set_to_none=True)
         if sched is not None:
             sched.step()
+        if trajectory is not None:
+            trajectory.append(snapshot())
     return model, None, opt
 
 
@@ -671,13 +768,27 @@ def _many(rank, world, jobs):
 _many_k = _many
 
 
+def _nsisa_adamw_by_hand(names):
+    """`C.NSISA_PARAMS` written out by hand as `pisa_zero.reference` keywords (not through the JSON parser or
+    `pisa_zero.param_groups`): nsisa (σ 30, ρ 100, momentum 0.95 Nesterov, 5 NS steps) on the block matrices by
+    name, AdamW (lr 3e-3, betas (0.9, 0.95), eps 1e-8, no weight decay) on every other tensor."""
+    by_role = {"param_groups": "by_role", "other_options": {"lr": 3e-3}}
+    assert C.NSISA_PARAMS == {"sigma": 30.0, "rho": 100.0, "preconditioner": "nsisa", **by_role}, C.NSISA_PARAMS
+    kinds = ["nsisa" if n in BLOCK_MATRICES else "adamw" for n in names]
+    return {"sigma": 30.0, "rho": 100.0, "preconditioner": kinds, "adamw_lr": 3e-3, "betas": (0.9, 0.95)}
+
+
 def _mode_b_reference(agents, k, steps, params, dtype):
-    """The m-agent `pisa_zero.reference` fed the same per-agent batches (agent gradient = mean of its k ranks')."""
+    """The m-agent `pisa_zero.reference` fed the same per-agent batches (agent gradient = mean of its k ranks').
+    ``params``: the reference's keywords, or a function of the parameter names that returns them."""
     from pisa_zero.reference import ReferencePISA
 
     model = C.make_model().to(dtype)
     names = [n for n, _ in model.named_parameters()]
-    hp = {k_: v for k_, v in params.items() if k_ not in ("implementation", "agents")}
+    if callable(params):
+        hp = params(names)
+    else:
+        hp = {k_: v for k_, v in params.items() if k_ not in ("implementation", "agents")}
     ref = ReferencePISA([p.detach() for p in model.parameters()], agents, dtype=dtype, **hp)
     for step in range(steps):
         fns = []
@@ -698,9 +809,10 @@ def _mode_b_reference(agents, k, steps, params, dtype):
 @pytest.mark.slow
 def test_mode_b_agents_under_deepspeed():
     """4 ranks = 2 agents × 2: DeepSpeed shards/averages inside an agent (AgentMPU as its mpu), PISA runs the
-    consensus across agents. ZeRO-2 sisa (topology=) and ZeRO-3 nsisa ("agents": 2 in the JSON) == the 2-agent
-    float64 reference within 3× the reference's own fp32 round-off; every rank holds the same consensus; same-topology
-    save/resume is bit-identical. Clipping is refused in mode B."""
+    consensus across agents. ZeRO-2 sisa (topology=), ZeRO-3 nsisa ("agents": 2 in the JSON) and ZeRO-2 NSISA +
+    auxiliary AdamW (the "by_role" JSON) == the 2-agent float64 reference within 3× the reference's own fp32
+    round-off; every rank holds the same consensus; same-topology save/resume is bit-identical. Clipping is refused
+    in mode B."""
     sisa = {"sigma": 2.0, "rho": 50.0, "implementation": "foreach"}
     nsisa = {"sigma": 30.0, "rho": 100.0, "preconditioner": "nsisa", "implementation": "foreach"}
     tmp = tempfile.mkdtemp(prefix="pisa_ds_modeb_")
@@ -718,13 +830,16 @@ def test_mode_b_agents_under_deepspeed():
         res = run_distributed(_many, 4, jobs, timeout=400)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name, params in (("z2", sisa), ("z3n", nsisa), ("z2local", dict(sisa, local_steps=2))):
+    # "auto": NSISA + the auxiliary AdamW ("by_role" groups) in mode B: AdamW's step on the agents' averaged
+    # gradient (the reference's H = 1 rule), against the reference built by hand from the keywords
+    cases = (("z2", sisa, 6), ("z3n", nsisa, 6), ("z2local", dict(sisa, local_steps=2), 6))
+    for name, params, steps in (*cases, ("auto", _nsisa_adamw_by_hand, 4)):
         w = [r[name]["weights"] for r in res]
         assert all(all(torch.equal(w[i][n], w[0][n]) for n in w[0]) for i in range(4)), name
         assert (res[0][name]["dp"], res[0][name]["mp"]) == (2, 2)
         with one_thread():
-            r64 = _mode_b_reference(2, 2, 6, params, torch.float64)
-            r32 = _mode_b_reference(2, 2, 6, params, torch.float32)
+            r64 = _mode_b_reference(2, 2, steps, params, torch.float64)
+            r32 = _mode_b_reference(2, 2, steps, params, torch.float32)
         err, roundoff = C.rel_err(w[0], r64), C.rel_err(r32, r64)
         assert err <= max(2e-6, 3 * roundoff), (name, err, roundoff)
     for name in ("z3n", "z2local"):  # z2local: saved mid-round, resumed bit-identically
@@ -734,10 +849,6 @@ def test_mode_b_agents_under_deepspeed():
     for r in res:
         calls = r["z2local"]["cross_agent_calls"]
         assert calls[0] == 0 and calls[2] == 0 and calls[1] > 0, calls
-    # NSISA + auxiliary AdamW ("auto" groups) in mode B: AdamW's gradients are averaged across agents, every rank
-    # ends with the same weights (no float64 reference has the AdamW group).
-    w = [x["auto"]["weights"] for x in res]
-    assert all(all(torch.equal(w[i][n], w[0][n]) for n in w[0]) for i in range(4))
     with pytest.raises(ValueError, match="gradient_clipping"):
         pds.initialize(model=torch.nn.Linear(2, 2), config=C.ds_config(2, 2, params=dict(sisa, agents=2),
                                                                        gradient_clipping=1.0))  # fmt: skip

@@ -510,6 +510,9 @@ def test_deepspeed_baselines_train_from_their_config(cache_dir, tmp_path, name):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     s = scalars(out / "tensorboard")
     assert s["val/loss"][6] < s["val/loss"][3] and s["train/loss"][6] < s["train/loss"][1]
+    # the JSON's tensorboard section is pointed at the run: DeepSpeed's own scalars beside the engine's
+    train_loss = scalars(out / "tensorboard" / "deepspeed")["Train/Samples/train_loss"]
+    assert len(train_loss) == 6 and all(np.isfinite(v) for v in train_loss.values()), train_loss
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000006"
     run = json.loads((out / "checkpoints" / "step_000006" / "run.json").read_text())
     assert run["optimizer"] == name.split("_")[0] and run["backend"] == "deepspeed"
@@ -554,6 +557,26 @@ def test_resume_falls_back_when_latest_is_unusable(run, tmp_path, capsys):
     (root / "latest").write_text("step_000005")
     assert run(*flags[2:], "--max-steps", 6, "--resume") == 0
     assert "at step 4" in capsys.readouterr().out
+
+
+def test_max_minutes_stops_after_the_step_with_a_final_checkpoint(run, tmp_path, capsys):
+    """--max-minutes: the run stops after the step that passes the limit, writes its final checkpoint, says how to
+    continue and exits 0. A limit of 1e-9 minutes (60 ns) is passed by the first step on any machine."""
+    assert run("--max-steps", 50, "--max-minutes", 1e-9, "--eval-interval", 0, "--ckpt-interval", 0) == 0
+    assert "stopped at step 1 (time limit)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000001"
+
+
+def test_keep_checkpoints_keeps_the_newest_n(run, tmp_path):
+    """--keep-checkpoints N: after a checkpoint every step, only the newest N steps remain (each a symlink to its
+    versioned folder), with no other version left behind."""
+    assert run("--max-steps", 5, "--ckpt-interval", 1, "--eval-interval", 0, "--keep-checkpoints", 3) == 0
+    root = tmp_path / "run" / "checkpoints"
+    names = sorted(os.listdir(root))
+    steps = [n for n in names if re.fullmatch(r"step_\d{6}", n)]
+    assert steps == ["step_000003", "step_000004", "step_000005"], names
+    versions = {n.split(".")[0] for n in names if re.fullmatch(r"step_\d{6}\..+", n)}
+    assert versions <= set(steps), names
 
 
 def test_nonfinite_weights_stop_and_are_never_published(run, tmp_path, capsys):

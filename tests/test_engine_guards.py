@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from distributed import run_distributed  # noqa: E402
+from distributed import run_distributed, skip_or_fail  # noqa: E402
 from test_engine import ROOT, TINY, cache_dir, env, run, scalars  # noqa: E402, F401
 
 from engine import models, resume, sizes  # noqa: E402
@@ -187,7 +187,7 @@ def test_a_read_only_out_dir_is_found_before_training(run, tmp_path, no_work):
     try:
         for where in (ro, tmp_path / "rw" / "checkpoints"):
             if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)]).returncode:
-                pytest.skip("needs a read-only tmpfs (mount -t tmpfs -o ro), which this machine does not permit")
+                skip_or_fail("needs a read-only tmpfs (mount -t tmpfs -o ro), which this machine does not permit")
             mounted.append(where)
         with pytest.raises(SystemExit, match=rf"--out-dir {ro}: cannot write to {ro} \(Read-only file system\)"):
             run("--max-steps", 2, out=ro)
@@ -242,6 +242,24 @@ def test_a_deepspeed_json_without_an_optimizer_block_trains_the_documented_defau
     cfg, _ = config("--optimizer", "adamw", "--lr", "1e-4")
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.95]}}
     assert config("--optimizer", "muon")[0]["optimizer"]["params"]["muon_lr"] == 0.02
+
+
+def test_the_deepspeed_json_tensorboard_and_scheduler_follow_the_flags(tmp_path):
+    """The JSON's ``tensorboard`` section is pointed at the run's folder (off without one: --no-tensorboard); its
+    ``scheduler`` is kept with --schedule config and otherwise dropped, saying so."""
+    from engine import dsconfig
+
+    path = tmp_path / "with_scheduler.json"
+    scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}
+    path.write_text(json.dumps({"tensorboard": {"enabled": False, "output_path": "/elsewhere"}, "scheduler": scheduler}))
+    said = []
+    args = parse_args(["--deepspeed_config", str(path)])
+    cfg = dsconfig.deepspeed_config(args, args.explicit, str(tmp_path / "tb"), say=said.append)
+    assert cfg["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "deepspeed"}
+    assert "scheduler" not in cfg and any("use --schedule config to keep it" in s for s in said), said
+    args = parse_args(["--deepspeed_config", str(path), "--schedule", "config"])
+    cfg = dsconfig.deepspeed_config(args, args.explicit, None, say=said.append)
+    assert cfg["tensorboard"]["enabled"] is False and cfg["scheduler"] == scheduler
 
 
 def test_the_memory_estimate_names_the_largest_parts_flags():

@@ -92,51 +92,101 @@ def single_process(steps, other, implementation="foreach"):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def two_agent_nsisa_adamw_reference(steps, sizes, heterogeneous):
-    """Independent float64 simulation of mode B with NSISA (reference.py, m agents) on the matrices and AdamW on
-    the α-averaged gradient (torch.optim.AdamW) for the rest."""
+def nsisa_adamw_reference(model, losses, steps, alphas, dtype=torch.float64):
+    """Independent simulation of mode B (m = len(alphas) agents) in ``dtype``: NSISA (reference.py) on the matrices
+    and AdamW on the α-averaged gradient (torch.optim.AdamW) for the rest. ``losses(i, t, forward)`` is agent i's
+    loss at step t, ``forward`` the model at the current weights."""
     from pisa_zero.reference import ReferencePISA
 
-    model = make_model().double()
+    model = model.to(dtype)
     names = [n for n, _ in model.named_parameters()]
     is_mat = [p.ndim == 2 for p in model.parameters()]
     w = [p.detach().clone() for p in model.parameters()]
-    ref = ReferencePISA([t for t, m in zip(w, is_mat) if m], len(sizes), preconditioner="nsisa", **HP)
+    ref = ReferencePISA([t for t, m in zip(w, is_mat) if m], len(alphas), preconditioner="nsisa", dtype=dtype, **HP)
     others = [torch.nn.Parameter(t.clone()) for t, m in zip(w, is_mat) if not m]
     adamw = torch.optim.AdamW(others, **ADAMW, eps=HP["eps"])
-    pools = agent_pools(len(sizes), heterogeneous)
-    alphas = [s / sum(sizes) for s in sizes]
+    weights = [a / sum(alphas) for a in alphas]
     for t in range(steps):
         mats = iter(ref.w)
         rest = iter(others)
         current = [next(mats) if m else next(rest).detach() for m in is_mat]
         grads = []
-        for i, n in enumerate(sizes):
-            x, y = agent_batch(pools, i, t, n)
+        for i in range(len(alphas)):
             params = {nm: c.clone().requires_grad_() for nm, c in zip(names, current)}
-            loss = loss_fn(lambda inp, params=params: torch.func.functional_call(model, params, (inp,)), x.double(), y)
+            loss = losses(i, t, lambda inp, params=params: torch.func.functional_call(model, params, (inp,)))
             grads.append(torch.autograd.grad(loss, list(params.values())))
         for j, p in enumerate([q for q, m in zip(range(len(is_mat)), is_mat) if not m]):
-            others[j].grad = sum(a * g[p] for a, g in zip(alphas, grads))
+            others[j].grad = sum(a * g[p] for a, g in zip(weights, grads))
         adamw.step()
-        ref.step([lambda _w, g=g: [gq for gq, m in zip(g, is_mat) if m] for g in grads], alphas=sizes)
+        ref.step([lambda _w, g=g: [gq for gq, m in zip(g, is_mat) if m] for g in grads], alphas=alphas)
     mats, rest = iter(ref.w), iter(others)
     return {nm: (next(mats) if m else next(rest).detach()) for nm, m in zip(names, is_mat)}
 
 
-def train_one_row_head(steps):
-    """Mode B (2 × 2) with a 1-row matrix and a 1-element bias: shard rank 1 of each agent holds empty shards."""
-    topo = AgentTopology.build(agents=2)
+def two_agent_nsisa_adamw_reference(steps, sizes, heterogeneous):
+    """Mode B on the digits MLP, each agent on its own batches: the float64 `nsisa_adamw_reference`."""
+    pools = agent_pools(len(sizes), heterogeneous)
+
+    def losses(i, t, forward):
+        x, y = agent_batch(pools, i, t, sizes[i])
+        return loss_fn(forward, x.double(), y)
+
+    return nsisa_adamw_reference(make_model(), losses, steps, sizes)
+
+
+# A 1-row head: Linear(4, 1)'s weight (1 × 4) and bias (1) have fewer rows than an agent's 2 shard ranks (mode B,
+# 2 × 2) or than the 4 ranks (mode A), so those ranks hold empty shards of them.
+HEAD_STEPS, HEAD_BATCH = 3, 8
+
+
+def one_row_head_model():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+def head_batches(seed, steps):
+    """Agent ``seed``'s batches, one per step (mode A: seed 0 is the global batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(HEAD_BATCH, 6, generator=gen) for _ in range(steps)]
+
+
+def head_loss(forward, x):
+    return forward(x).pow(2).mean()
+
+
+def train_one_row_head(steps, agents=2):
+    """FSDP2 with the 1-row head: mode B (``agents=2``, 2 × 2: both shard ranks of an agent see the agent's batch)
+    or mode A (``agents=None``: the global batch split over the ranks)."""
+    topo = AgentTopology.build(agents=agents) if agents else None
+    model = one_row_head_model()
     model, opt = prepare(model, topo, groups=make_groups(model, "adamw"), implementation="foreach", **HP)
-    gen = torch.Generator().manual_seed(topo.agent_index)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=gen)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    for x in head_batches(topo.agent_index if topo else 0, steps):
+        if topo is None:
+            part = HEAD_BATCH // world
+            x = x[rank * part : (rank + 1) * part]
         opt.zero_grad()
-        model(x).pow(2).mean().backward()
+        head_loss(model, x).backward()
         opt.step()
     return full_weights(model)
+
+
+def one_row_head_reference(steps, agents, dtype=torch.float64):
+    """Mode B's agents unsharded, in the simulation above (α = ½ each: no batch sizes are set)."""
+    batches = [head_batches(i, steps) for i in range(agents)]
+    losses = lambda i, t, forward: head_loss(forward, batches[i][t].to(dtype))  # noqa: E731
+    return nsisa_adamw_reference(one_row_head_model(), losses, steps, [1.0] * agents, dtype)
+
+
+def one_row_head_single_process(steps, dtype=torch.float32):
+    """Unsharded single-process PISA (the same groups) on the whole global batch: mode A's definition."""
+    model = one_row_head_model().to(dtype)
+    opt = PISA(make_groups(model, "adamw"), implementation="foreach", **HP)
+    for x in head_batches(0, steps):
+        opt.zero_grad()
+        head_loss(model, x.to(dtype)).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def route_matrices():
@@ -186,7 +236,8 @@ SCENARIOS = {
 }
 FOUR_RANK_SCENARIOS = {
     "b4_nsisa_sisa": _mode_b(4, lambda world: [5, 11, 8, 3], SISA_REST),
-    "b_one_row_head": lambda rank, world, steps: train_one_row_head(3),
+    "b_one_row_head": lambda rank, world, steps: train_one_row_head(HEAD_STEPS),
+    "a_one_row_head": lambda rank, world, steps: train_one_row_head(HEAD_STEPS, agents=None),
     "route_matrices": lambda rank, world, steps: route_matrices(),
     "b_bf16_offload": _mode_b(2, _sizes_b, ADAMW_REST, param_dtype=torch.bfloat16, cpu_offload=True),
 }
@@ -232,10 +283,19 @@ def _check(name, results, world, steps):
         assert err_b <= 3e-5, err_b
     elif name == "b4_nsisa_sisa":
         assert_matches_reference(got, steps, 4, [5, 11, 8, 3], True, kinds, HP)
+    elif name == "b_one_row_head":  # empty shards of the head on one shard rank of each agent
+        ref = one_row_head_reference(HEAD_STEPS, 2)
+        roundoff = max_rel_err(one_row_head_reference(HEAD_STEPS, 2, torch.float32), ref)
+        err = max_rel_err(got, ref)
+        assert err <= max(2e-6, 3 * roundoff), (err, roundoff)
+    elif name == "a_one_row_head":  # empty shards of the head on 3 of the 4 ranks
+        ref = one_row_head_single_process(HEAD_STEPS, torch.float64)
+        roundoff = max_rel_err(one_row_head_single_process(HEAD_STEPS), ref)
+        err = max_rel_err(got, ref)
+        assert err <= max(2e-6, 3 * roundoff), (err, roundoff)
     elif name == "b_bf16_offload":
         err_bf16 = max_rel_err(got, two_agent_nsisa_adamw_reference(steps, _sizes_b(world), True))
         assert err_bf16 <= 0.15, f"bf16 params + CPU offload drift {err_bf16:.3g} from the fp64 reference"
-    # b_one_row_head: identical on every rank (above) is the check
 
 
 @pytest.mark.slow

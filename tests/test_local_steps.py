@@ -37,13 +37,19 @@ STEPS, H = 10, 5
 VARIANTS = {"prox": dict(prox_sigma=0.5), "centred": dict(prox_sigma=0.5, centred_dual=True)}
 SIZES2, SIZES4 = [5, 11], [6, 10]
 TOL = 1e-5  # the issue's bound: fp32 round-off, relative
+NAN_AT = (2, 1)  # (call, rank = agent): a NaN gradient there in the 2-rank run
 
 
 # ------------------------------------------------------------------------------------------- independent reference
-def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None, dtype=torch.float64, gaps=None):
+def local_reference(
+    steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=None, dtype=torch.float64, gaps=None, skip=()
+):
     """m agents, H local steps per round, in the issue's notation (float64). ``kinds[name]`` is "sisa", "nsisa" or
     "adamw". Returns the consensus w after ``steps`` (a multiple of H: then every agent's w_i = w); ``gaps`` (a list)
-    gets each round's sqrt(mean_i Σ‖w_i − w‖² / Σ‖w‖²) over the PISA (non-adamw) tensors."""
+    gets each round's sqrt(mean_i Σ‖w_i − w‖² / Σ‖w‖²) over the PISA (non-adamw) tensors. ``skip``: (call, agent)
+    pairs (call from 0) where that agent skips its local step (a non-finite gradient): its w_i, π_i, v_i, b_i and
+    step count t_i stay, and the call's tokens do not count toward its α of the round (ALGORITHM.md §6's rule as
+    pisa_zero.local_steps documents it); the round still closes on the H-th call."""
     model = make_model().to(dtype)
     names = [n for n, _ in model.named_parameters()]
     m = len(sizes)
@@ -54,9 +60,15 @@ def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=N
     wi = [{n: t.clone() for n, t in w.items()} for _ in range(m)]
     pi, v, b, m1, m2 = ([zeros() for _ in range(m)] for _ in range(5))
     pools = agent_pools(m, heterogeneous)
-    alphas = [s / sum(sizes) for s in sizes]
+    counts = [0] * m  # each agent's local steps taken (its bias-correction t)
+    tokens = [0] * m  # each agent's tokens in the round's taken steps
     for t in range(1, steps + 1):
         for i in range(m):
+            if (t - 1, i) in skip:
+                continue
+            counts[i] += 1
+            tokens[i] += sizes[i]
+            ti = counts[i]
             x, y = agent_batch(pools, i, t - 1, sizes[i])
             params = {n: wi[i][n].clone().requires_grad_() for n in names}
             loss = loss_fn(lambda inp, params=params: torch.func.functional_call(model, params, (inp,)), x.to(dtype), y)
@@ -67,8 +79,8 @@ def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=N
                     b1, b2 = adamw["betas"]
                     m1[i][n] = b1 * m1[i][n] + (1 - b1) * g
                     m2[i][n] = b2 * m2[i][n] + (1 - b2) * g * g
-                    denom = torch.sqrt(m2[i][n] / (1 - b2**t)) + eps
-                    wi[i][n] = wi[i][n] - adamw["lr"] * (m1[i][n] / (1 - b1**t)) / denom
+                    denom = torch.sqrt(m2[i][n] / (1 - b2**ti)) + eps
+                    wi[i][n] = wi[i][n] - adamw["lr"] * (m1[i][n] / (1 - b1**ti)) / denom
                     continue
                 if kinds[n] == "nsisa":
                     b[i][n] = mu * b[i][n] + g
@@ -81,9 +93,13 @@ def local_reference(steps, local_steps, sizes, heterogeneous, kinds, hp, adamw=N
                     q = h.abs() + eps
                 else:
                     v[i][n] = beta2 * v[i][n] + (1 - beta2) * h * h
-                    q = torch.sqrt(v[i][n] / (1 - beta2**t)) + eps
+                    q = torch.sqrt(v[i][n] / (1 - beta2**ti)) + eps
                 wi[i][n] = wi[i][n] - h / (sigma + rho * q)
-        if t % local_steps == 0:  # the round: dual ascent, then the consensus
+        if t % local_steps == 0 and sum(tokens) == 0:  # every agent skipped the whole round: w stays
+            wi = [{n: t_.clone() for n, t_ in w.items()} for _ in range(m)]
+        elif t % local_steps == 0:  # the round: dual ascent, then the consensus
+            alphas = [n_i / sum(tokens) for n_i in tokens]
+            tokens = [0] * m
             for n in names:
                 if kinds[n] == "adamw":
                     w[n] = sum(a * wi[i][n] for i, a in enumerate(alphas))
@@ -207,7 +223,7 @@ def _body2(rank, world, root):
     # a NaN gradient on rank 1 at step 2: agent 1 skips its local step, agent 0 does not; the round still closes
     model = make_model()
     opt = PISA(model.parameters(), consensus=dist.group.WORLD, local_steps=H, implementation="foreach", **HP)
-    _train(model, opt, opt.consensus, 0, STEPS, SIZES2, heterogeneous=True, nan_at=(2, 1))
+    _train(model, opt, opt.consensus, 0, STEPS, SIZES2, heterogeneous=True, nan_at=NAN_AT)
     out["nan"] = (_weights(model), opt.nonfinite_steps_skipped, int(opt.state[model.inp.weight]["step"]))
     # FSDP2 on a 2 × 1 mesh, nsisa + AdamW
     topo = AgentTopology.build(agents=2)
@@ -462,11 +478,17 @@ def test_consensus_weights_context(runs):
 
 @pytest.mark.slow
 def test_nonfinite_local_step_skipped_by_its_agent_only(runs):
+    """Agent 1's call 2 is skipped by agent 1 alone (w_1, π_1, v_1, t_1 stay; its tokens leave the round's α);
+    the result == the independent reference told the same, at the fp32 tolerance."""
     two, _ = runs
     (w0, skipped0, step0), (w1, skipped1, step1) = two[0]["nan"], two[1]["nan"]
     assert (skipped0, step0) == (0, STEPS) and (skipped1, step1) == (1, STEPS - 1)
     for n in w0:
         assert torch.equal(w0[n], w1[n]) and math.isfinite(w0[n].sum().item())
+    args = (STEPS, H, SIZES2, True, kinds_of("sisa"), HP)
+    assert max_rel_err(w0, local_reference(*args, skip={NAN_AT})) <= TOL
+    # the skip is visible: the reference where agent 1 took call 2 is far away
+    assert max_rel_err(w0, local_reference(*args)) > 10 * TOL
 
 
 @pytest.mark.slow

@@ -125,6 +125,12 @@ def _no_shim_body(rank, world):
     out["param_groups"] = summary(groups)
     aux = pisa_param_groups([model], _opt_config(), None, other_preconditioner="adamw", other_options={"lr": 2e-3})
     out["aux_lr_groups"] = summary(aux)
+    # the auxiliary AdamW takes Megatron's adam_beta1/2 and adam_eps; other_options overrides them by key
+    adam = _opt_config(adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-5)
+    out["adam_groups"] = [
+        [(g["preconditioner"], g.get("betas"), g.get("eps")) for g in pisa_param_groups([model], adam, None, **kw)]
+        for kw in ({"other_preconditioner": "adamw"}, {"other_preconditioner": "adamw", "other_options": {"eps": 1e-4}})
+    ]
     try:
         pisa_param_groups([model], config, overrides, other_preconditioner="adamw", other_options={"lr": 2e-3})
     except ValueError as e:
@@ -194,6 +200,19 @@ def test_megatron_aux_adamw_lr_moves_megatrons_schedule(no_shim):
     assert by_name["decoder.final_layernorm.weight"]["lr"] == 2e-3
     assert by_name["decoder.layers.0.mlp.linear_fc1.weight"]["schedule"] == (1e-3, 1e-4)
     assert "decoupled_lr" in no_shim[0]["aux_lr_conflict"]  # two lr sources for one parameter: refused
+
+
+def test_megatron_aux_adamw_takes_adam_beta1_beta2_eps(no_shim):
+    """OptimizerConfig's adam_beta1/2 and adam_eps reach the auxiliary AdamW groups (and only them);
+    other_options' eps wins over adam_eps for its key alone."""
+    from_config, overridden = no_shim[0]["adam_groups"]
+    for groups, eps in ((from_config, 1e-5), (overridden, 1e-4)):
+        assert {g[0] for g in groups} == {"sisa", "adamw"}
+        for precond, betas, group_eps in groups:
+            if precond == "adamw":
+                assert (betas, group_eps) == ((0.8, 0.9), eps)
+            else:
+                assert (betas, group_eps) == (None, None)
 
 
 @pytest.mark.parametrize(

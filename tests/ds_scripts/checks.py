@@ -11,15 +11,19 @@ from . import common as C
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def train_and_gather(rank, world, cfg, steps, use_register=False, seed=0):
-    """Train ``steps`` steps; return (consensus weights, rank-0 losses, effective (σ, ρ, lr) per step of group 0)."""
+def train_and_gather(rank, world, cfg, steps, use_register=False, seed=0, path=False):
+    """Train ``steps`` steps; return (consensus weights, rank-0 losses, effective (σ, ρ, lr) per step of group 0,
+    info); ``path``: info["path"] holds every tensor's path length Σ_t ‖w_t − w_{t−1}‖ (common.path_lengths)."""
     engine = C.ds_engine(cfg, seed=seed, use_register=use_register)
     pisa = engine.basic_optimizer
     hyper, losses = [], []
+    trajectory = [C.consensus_weights(engine)] if path else None
     for step in range(steps):
         g = pisa.param_groups[0]
         hyper.append((g["lr"], *pisa.effective_hyperparameters(g)) if g["lr"] else (0.0, float("inf"), float("inf")))
         losses += C.ds_train(engine, 1, start=step)
+        if path:
+            trajectory.append(C.consensus_weights(engine))
     info = {
         "optimizer_type": type(engine.optimizer).__name__,
         "basic_type": type(pisa).__name__,
@@ -28,6 +32,7 @@ def train_and_gather(rank, world, cfg, steps, use_register=False, seed=0):
             getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False)
         ),
         "state_keys": sorted({k for s in pisa.state.values() for k in s}),
+        "path": C.path_lengths(trajectory) if path else None,
     }
     return C.consensus_weights(engine), losses, hyper, info
 
@@ -160,3 +165,56 @@ def mode_b(rank, world, cfg, agents, steps, via_json=False, ckpt_dir=None):
     run_b = C.consensus_weights(engine)
     out = {"weights": run_a, "resumed": run_b, "dp": engine.dp_world_size, "mp": engine.mp_world_size}
     return {**out, "cross_agent_calls": cross}
+
+
+def _deepspeed_bf16_default_off() -> None:
+    """DeepSpeed before 0.16.x had no bf16 ``check_grad_overflow`` (0.19.8 defaults it to true): turn its default
+    off in this rank, so that a check that is on comes from the config pisa_zero prepared (an explicit key wins)."""
+    from deepspeed.runtime import config as ds_runtime_config
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+
+    def bf16_config(param_dict):
+        return DeepSpeedBF16Config(**{"check_grad_overflow": False, **(param_dict.get("bf16") or {})})
+
+    ds_runtime_config.get_bfloat16_config = bf16_config
+
+
+#: where `nan_step` puts its NaN: one element, so that after the reduce-scatter one rank's partition holds it
+NAN_PARAM = "transformer.h.1.mlp.c_fc.weight"
+
+
+def nan_step(rank, world, cfg, steps, nan_at=None, leave_out=None):
+    """Train ``steps`` steps; at ``nan_at = (step, rank)`` one element of that rank's `NAN_PARAM` gradient is NaN.
+    ``leave_out``: a step whose batch is not fed at all (the reference: that step never happened). Returns the
+    gathered fp32 weights, each rank's PISA step counters and skip count, and DeepSpeed's skipped steps."""
+    import torch
+
+    _deepspeed_bf16_default_off()
+    engine = C.ds_engine(cfg)
+    param = dict(engine.module.named_parameters())[NAN_PARAM]
+    poison = [False]
+
+    def hook(grad):
+        if not poison[0]:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    param.register_hook(hook)
+    for step in range(steps):
+        if step == leave_out:
+            continue
+        poison[0] = nan_at == (step, rank)
+        C.ds_train(engine, 1, start=step)
+    poison[0] = False
+    pisa = engine.basic_optimizer
+    counters = sorted({int(s["step"]) for s in pisa.state.values() if "step" in s})
+    return {
+        "weights": C.consensus_weights(engine),
+        "pisa_steps": counters,
+        "pisa_skipped": pisa.nonfinite_steps_skipped,
+        "ds_skipped": engine.skipped_steps,
+        "check_grad_overflow": engine.optimizer.check_grad_overflow,
+        "finite": all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()),
+    }

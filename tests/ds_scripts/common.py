@@ -220,6 +220,43 @@ def single_train(cfg: dict, steps: int, world: int, make_optimizer, seed: int = 
     return model, losses, opt
 
 
+def pieces(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights by tensor, with each attention ``c_attn.bias`` cut into its query, key and value thirds."""
+    out = {}
+    for name, t in weights.items():
+        if name.endswith("attn.c_attn.bias"):
+            for part, piece in zip(("query", "key", "value"), t.chunk(3)):
+                out[f"{name}.{part}"] = piece
+        else:
+            out[name] = t
+    return out
+
+
+def path_lengths(trajectory: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Σ_t ‖w_t − w_{t−1}‖ of every piece (`pieces`) along a run's weights after each step."""
+    steps = [pieces(w) for w in trajectory]
+    return {n: sum(float((b[n].double() - a[n].double()).norm()) for a, b in zip(steps, steps[1:])) for n in steps[0]}
+
+
+def bf16_tensor_errors(got, ref, paths, roundings) -> dict[str, tuple[float, float]]:
+    """``{piece: (relative error, its bound)}`` of a bf16 run's weights ``got`` against the fp32 run ``ref``, the
+    bound from bf16's unit roundoff (tests/_consensus_common.bf16_bound; ``paths``: ``ref``'s `path_lengths`).
+    Left out: the attention key biases, whose exact gradient is zero (softmax is unchanged when the same q·b_k is
+    added to every logit of a query): each run's key bias is its own rounding noise, normalised by AdamW into
+    full-sized steps, so no precision bound relates the two."""
+    from tests._consensus_common import bf16_bound
+
+    got, ref = pieces(got), pieces(ref)
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    out = {}
+    for n, r in ref.items():
+        if n.endswith("attn.c_attn.bias.key"):
+            continue
+        norm = float(r.double().norm())
+        out[n] = (float((got[n].double() - r.double()).norm()) / norm, bf16_bound(roundings, paths[n], norm))
+    return out
+
+
 def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b), (sorted(a), sorted(b))
     num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
