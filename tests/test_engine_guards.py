@@ -251,7 +251,8 @@ def test_the_deepspeed_json_tensorboard_and_scheduler_follow_the_flags(tmp_path)
 
     path = tmp_path / "with_scheduler.json"
     scheduler = {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}
-    path.write_text(json.dumps({"tensorboard": {"enabled": False, "output_path": "/elsewhere"}, "scheduler": scheduler}))
+    tensorboard = {"enabled": False, "output_path": "/elsewhere"}
+    path.write_text(json.dumps({"tensorboard": tensorboard, "scheduler": scheduler}))
     said = []
     args = parse_args(["--deepspeed_config", str(path)])
     cfg = dsconfig.deepspeed_config(args, args.explicit, str(tmp_path / "tb"), say=said.append)
