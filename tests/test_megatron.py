@@ -16,6 +16,7 @@ Multi-rank runs are spawned once per world size (module-scoped fixtures); each s
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -375,6 +376,7 @@ def _shim_body(rank, world, tmp):
         norms = [_megatron_step(ddp, optimizer, step, rank, world)[1] for step in range(3)]
         reference, ref_norms = _single_process_pisa(PISA_OPTIONS, world, clip)
         out["vs_single_process"][clip] = {"max_diff": _max_diff(ddp.module, reference), "norms": (norms, ref_norms)}
+        out["vs_single_process"][clip]["weights"] = (_weights(ddp.module), _weights(reference))
     out["moved"] = _max_diff(reference, _tiny_model(seed=0)[1])
     shards = [p for o in optimizer.chained_optimizers for g in o.optimizer.param_groups for p in g["params"]]
     out["shard_numel"] = sum(p.numel() for p in shards)
@@ -495,12 +497,43 @@ def _reshard_body(rank, world, tmp, resume_weights):
     }
 
 
+def _unshimmed_reference_body(rank, world):
+    """The single-process references of `_shim_body` part 1 computed without the device shim."""
+    import megatron_shim
+
+    assert not megatron_shim._installed  # forked from the test process, which never installs it
+    _quiet()
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel()
+    out = {}
+    for clip in (0.0, 1.0):
+        reference, norms = _single_process_pisa(PISA_OPTIONS, 2, clip)
+        out[clip] = (_weights(reference), norms)
+    return out
+
+
 @pytest.fixture(scope="module")
 def shim_runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("megatron_ckpt"))
     two = run_distributed(_shim_body, 2, tmp, timeout=300)
     one = run_distributed(_reshard_body, 1, tmp, two[0]["resume_weights"], timeout=300)
     return two, one
+
+
+def test_megatron_shim_changes_no_numbers(shim_runs):
+    """The shim moves tensors only: the single-process reference computed under it is bit-identical to the one
+    computed without it (this process never installs it), and so Megatron's DistributedOptimizer PISA under the shim
+    meets the unshimmed reference at the same bounds as the shimmed one."""
+    two, _ = shim_runs
+    (plain,) = run_distributed(_unshimmed_reference_body, 1, timeout=300)
+    for clip, bound in ((0.0, 1e-7), (1.0, 1e-6)):
+        weights, norms = plain[clip]
+        for r in two:
+            megatron, shimmed = r["vs_single_process"][clip]["weights"]
+            assert all(torch.equal(shimmed[n], weights[n]) for n in weights), clip
+            assert r["vs_single_process"][clip]["norms"][1] == norms
+            assert max((megatron[n] - weights[n]).abs().max().item() for n in weights) < bound, clip
 
 
 def test_megatron_distributed_optimizer_2_ranks_equals_single_process_pisa(shim_runs):
@@ -567,6 +600,9 @@ def test_megatron_checkpoint_saved_at_2_ranks_loads_at_1(shim_runs):
 
 
 # --------------------------------------------------------------------------------------- the launch script (shim)
+LAUNCH_ITERS, LAUNCH_SAVE_AT = 8, 4  # the uninterrupted run; the first half saved, then resumed to the end
+
+
 def _launch_body(rank, world, tmp):
     import contextlib
     import io
@@ -582,25 +618,25 @@ def _launch_body(rank, world, tmp):
         "--bf16",
         "--pisa-preconditioner",
         "nsisa",
+        "--pisa-aux-lr",  # the embeddings and output layer hold the bigrams to learn
+        "1e-2",
         "--lr-warmup-iters",
         "1",
         "--lr-decay-iters",
-        "4",
+        str(LAUNCH_ITERS),
         "--eval-interval",
-        "2",
+        str(LAUNCH_SAVE_AT),
         "--eval-iters",
         "2",
         "--no-progress",
     ]
     board = ["--tensorboard-dir", os.path.join(tmp, "tb"), "--pisa-diagnostics-interval", "2"]
-    uninterrupted = script.main([*common, "--train-iters", "4", *board])
-    first = script.main([*common, "--train-iters", "2", "--save", os.path.join(tmp, "ckpt")])
-    resumed = script.main(
-        [*common, "--train-iters", "4", "--load", os.path.join(tmp, "ckpt"), "--save", os.path.join(tmp, "ckpt")]
-    )
+    iters, save_at, ckpt = str(LAUNCH_ITERS), str(LAUNCH_SAVE_AT), os.path.join(tmp, "ckpt")
+    uninterrupted = script.main([*common, "--train-iters", iters, *board])
+    first = script.main([*common, "--train-iters", save_at, "--save", ckpt])
+    resumed = script.main([*common, "--train-iters", iters, "--load", ckpt, "--save", ckpt])
     # TP=2 (DP=1): Megatron's tensor-parallel layers with PISA on each TP rank's shards; nsisa is refused there
-    tp2 = [*TINY, "--micro-batch-size", "2", "--data-path", os.path.join(tmp, "data"), "--no-progress"]
-    tp2 += ["--tensor-model-parallel-size", "2", "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "2"]
+    tp2 = _tp_args(tmp, 2)
     tensor_parallel = script.main(tp2)
     err, refused = io.StringIO(), None
     try:
@@ -617,45 +653,92 @@ def _launch_body(rank, world, tmp):
     }
 
 
+def _tp_args(tmp, tp: int) -> list[str]:
+    """The tensor-parallel run (fp32 sisa + AdamW, DP = 1 at either TP: the same batches)."""
+    args = [*TINY, "--micro-batch-size", "2", "--data-path", os.path.join(tmp, "data"), "--no-progress"]
+    args += ["--make-vocab-size-divisible-by", str(128 // tp)]  # Megatron pads to a multiple of this × TP: 128 both
+    return [
+        *args,
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--train-iters",
+        "3",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "2",
+    ]
+
+
+def _tp1_body(rank, world, tmp):
+    import megatron_shim
+
+    megatron_shim.install()
+    _quiet()
+    import pretrain_gpt_pisa as script
+
+    return script.main(_tp_args(tmp, 1))
+
+
 @pytest.fixture(scope="module")
 def launch_run(tmp_path_factory):
+    """Learnable data: a fixed cycle through a permutation of the 100 tokens (every token has one successor), so
+    the loss can fall far below ln(100) ≈ 4.6 — uniform random tokens cannot go below it."""
     import numpy as np
 
     tmp = tmp_path_factory.mktemp("megatron_launch")
     os.makedirs(tmp / "data")
-    rng = np.random.default_rng(0)
-    np.save(tmp / "data" / "train.npy", rng.integers(0, 100, 20000).astype(np.uint16))
-    np.save(tmp / "data" / "val.npy", rng.integers(0, 100, 2000).astype(np.uint16))
+    cycle = np.random.default_rng(0).permutation(100).astype(np.uint16)
+    np.save(tmp / "data" / "train.npy", np.tile(cycle, 200))
+    np.save(tmp / "data" / "val.npy", np.tile(np.roll(cycle, 37), 20))
     return tmp, run_distributed(_launch_body, 2, str(tmp), timeout=300)
 
 
+def _train_losses(tmp) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp / "tb"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
 def test_megatron_launch_script_trains_bf16_nsisa_on_2_ranks(launch_run):
-    _, results = launch_run
+    tmp, results = launch_run
     for r in results:
         u = r["uninterrupted"]
-        assert u["iteration"] == 4 and 3.0 < u["loss"] < 6.0 and u["val_loss"] is not None
+        assert u["iteration"] == LAUNCH_ITERS and u["val_loss"] is not None
     assert results[0]["uninterrupted"] == results[1]["uninterrupted"]  # logged values agree across ranks
+    losses = _train_losses(tmp)
+    # learnable data: the loss falls, below ln(100) — the best any model does on uniform random tokens of 100
+    assert losses[LAUNCH_ITERS] < min(losses[1] - 0.5, math.log(100) - 0.2), losses
+    assert losses[LAUNCH_ITERS] == pytest.approx(results[0]["uninterrupted"]["loss"], rel=1e-6)
 
 
 def test_megatron_launch_script_tensor_parallel_2(launch_run):
-    _, results = launch_run
+    """TP = 2 (the two ranks hold halves of every parallel layer) == the same run at TP = 1 on one rank, within
+    fp32 round-off: PISA's sisa and AdamW are elementwise, so sharding a tensor changes only reduction orders."""
+    tmp, results = launch_run
     assert results[0]["tp2"] == results[1]["tp2"]  # both TP ranks report the same (DP-reduced) loss
-    assert results[0]["tp2"]["iteration"] == 3 and 3.0 < results[0]["tp2"]["loss"] < 6.0
     assert "tensor parallelism" in results[0]["tp2_nsisa_refused"]
+    tp2, (tp1,) = results[0]["tp2"], run_distributed(_tp1_body, 1, str(tmp), timeout=300)
+    assert tp2["iteration"] == tp1["iteration"] == 3
+    assert tp2["loss"] == pytest.approx(tp1["loss"], rel=1e-5), (tp2, tp1)
+    assert tp2["val_loss"] == pytest.approx(tp1["val_loss"], rel=1e-5), (tp2, tp1)
 
 
 def test_megatron_launch_script_resume_matches_uninterrupted(launch_run):
     tmp, results = launch_run
     for r in results:
-        assert r["first"]["iteration"] == 2 and r["first"]["checkpoint"].endswith("iter_0000002")
-        assert r["resumed"]["iteration"] == 4
+        assert r["first"]["iteration"] == LAUNCH_SAVE_AT
+        assert r["first"]["checkpoint"].endswith(f"iter_{LAUNCH_SAVE_AT:07d}")
+        assert r["resumed"]["iteration"] == LAUNCH_ITERS
         assert r["resumed"]["loss"] == r["uninterrupted"]["loss"]  # bit-exact continuation (bf16 model, fp32 main)
         assert r["resumed"]["val_loss"] == r["uninterrupted"]["val_loss"]
     ckpt = tmp / "ckpt"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(LAUNCH_ITERS)
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "iter_0000002",
-        "iter_0000004",
+        f"iter_{LAUNCH_SAVE_AT:07d}",
+        f"iter_{LAUNCH_ITERS:07d}",
         "latest_checkpointed_iteration.txt",
     ]
 
@@ -668,7 +751,7 @@ def test_megatron_launch_script_writes_tensorboard_scalars(launch_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_step", "val/loss"} <= tags
-    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, LAUNCH_ITERS + 1))
     assert {"pisa/nsisa/primal_residual", "pisa/nsisa/dual_norm", "pisa/adamw/update_rms"} <= tags
     assert events.Scalars("train/lr")[0].value == 0.0  # warmup starts at lr 0 (PISA leaves everything as is)
 

@@ -88,6 +88,34 @@ def test_partitions_all_reduce_to_the_whole_tensor_numbers():
             assert out[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-9), k
 
 
+def _mode_b_body(rank, world, w0, grads, sigma, rho):
+    # every rank its own agent (consensus over the world), whole tensors
+    w = torch.nn.Parameter(w0.clone())
+    opt = PISA([w], sigma=sigma, rho=rho, preconditioner="identity", consensus=torch.distributed.group.WORLD)
+    mon = Diagnostics(opt)
+    w.grad = grads[rank].clone()
+    mon.snapshot()
+    opt.step()
+    return mon.measure()
+
+
+@pytest.mark.slow
+def test_mode_b_consensus_disagreement_and_residuals_closed_form():
+    """Two agents, first step from zero state, identity preconditioner: d_i = g_i/(σ+ρ) on agent i, so
+    consensus_disagreement = √(Σ_i ‖d_i − d̄‖² / m) = ‖d_0 − d_1‖ / 2 and primal_residual = √(Σ_i ‖d_i‖² / m),
+    the same on both ranks."""
+    torch.manual_seed(2)
+    w0, grads = torch.randn(29), torch.randn(2, 29)
+    sigma, rho = 3.0, 5.0
+    results = run_distributed(_mode_b_body, 2, w0, grads, sigma, rho, timeout=120)
+    d = grads / (sigma + rho)
+    disagreement = ((d[0] - d[1]).norm() / 2).item()
+    primal = math.sqrt((d[0].norm() ** 2 + d[1].norm() ** 2).item() / 2)
+    for out in results:
+        assert out["pisa/identity/consensus_disagreement"] == pytest.approx(disagreement, rel=1e-5)
+        assert out["pisa/identity/primal_residual"] == pytest.approx(primal, rel=1e-5)
+
+
 def test_tensorboard_writes_grouped_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,4 +1,5 @@
-"""Property test: one elementwise step of every back end equals ALGORITHM.md's formula for arbitrary finite inputs."""
+"""Property test: one elementwise step of every back end (single, foreach, compiled) equals ALGORITHM.md's formula
+for arbitrary finite inputs."""
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def formula(w, g, pi, v, t, kind, sigma, rho, beta2, eps, lam, decay):
 @given(
     data=st.data(),
     kind=st.sampled_from(["sisa", "adagrad", "identity", "nsisa"]),
-    implementation=st.sampled_from(["single", "foreach"]),
+    implementation=st.sampled_from(["single", "foreach", "compiled"]),
     sigma=st.floats(1e-2, 1e3),
     rho=st.floats(0.0, 1e4),
     beta2=st.floats(0.0, 0.9999),
