@@ -379,3 +379,61 @@ def test_every_bad_run_is_refused_on_every_rank_before_any_work(cache_dir, tmp_p
     for rank_result in results:
         for message, got in zip(cases, rank_result):
             assert message in got, (message, got)
+
+
+# ------------------------------------------------------------------------------ 6. documented flags reach their use
+def test_optimizer_flags_reach_the_optimizers_groups():
+    """--momentum and --l2-lambda (the matrix group), --beta2 (sisa groups), --other-preconditioner, --aux-lr and
+    --aux-weight-decay (the auxiliary group) land in the PISA the single back end builds, each where it belongs."""
+    import torch
+
+    from engine import backends
+
+    model = models.build_model("gpt2", "tiny")
+    flags = ["--momentum", "0.8", "--l2-lambda", "0.01", "--aux-lr", "2e-3", "--aux-weight-decay", "0.05"]
+    by_kind = {
+        g["preconditioner"]: g for g in backends.Single(model, parse_args(flags), torch.device("cpu")).pisa.param_groups
+    }
+    assert set(by_kind) == {"nsisa", "adamw"}
+    assert (by_kind["nsisa"]["momentum"], by_kind["nsisa"]["l2_lambda"]) == (0.8, 0.01)
+    assert (by_kind["adamw"]["lr"], by_kind["adamw"]["weight_decay"]) == (2e-3, 0.05)
+    sisa = parse_args([*flags[:4], "--beta2", "0.9", "--other-preconditioner", "sisa"])
+    groups = backends.Single(model, sisa, torch.device("cpu")).pisa.param_groups
+    assert {g["preconditioner"] for g in groups} == {"nsisa", "sisa"}
+    assert all(g["beta2"] == 0.9 and g["l2_lambda"] == 0.01 for g in groups)
+
+
+def test_min_lr_ratio_is_the_cosine_floor():
+    from engine.train import lr_factor
+
+    args = parse_args(["--max-steps", "100", "--warmup-steps", "10", "--min-lr-ratio", "0.25"])
+    assert lr_factor(5, args) == 0.5 and lr_factor(10, args) == 1.0
+    assert lr_factor(55, args) == pytest.approx(0.25 + 0.75 * 0.5) and lr_factor(100, args) == pytest.approx(0.25)
+
+
+def test_val_fraction_splits_a_single_token_file(tmp_path):
+    import numpy as np
+
+    from engine.train import load_data
+
+    np.save(tmp_path / "tokens.npy", (np.arange(1000) % 50).astype(np.uint16))
+    args = parse_args(["--data", str(tmp_path / "tokens.npy"), "--val-fraction", "0.1"])
+    args.cache_dir = str(tmp_path / "cache")
+    corpus = load_data(args, 0)
+    assert (len(corpus.train), len(corpus.val)) == (900, 100)
+    assert list(corpus.val[:3]) == [0, 1, 2]  # the held-out tokens are the file's last tenth
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from engine.train import setup_distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    setup_distributed(parse_args(["--backend", "fsdp2", "--dist-timeout", "42", "--device", "cpu"]))
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=42)

@@ -37,6 +37,12 @@ def test_every_mutant_applies_once_and_names_existing_tests(mutant):
             assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{mutant.name}: no test {node}"
 
 
+def test_list_names_every_mutant(capsys):
+    assert mutate.main(["--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [m.name for m in mutate.MUTANTS]
+
+
 @pytest.mark.slow
 def test_a_mutant_is_caught_in_the_copy():
     """keep_checkpoints_ignored end to end (the fastest): the baseline passes, the mutant's test fails."""
