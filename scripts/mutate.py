@@ -101,6 +101,10 @@ MUTANTS = [
     M("json_partial_offload_accepted", DSCFG, 'if zero.get("offload_optimizer", {}).get("ratio", 1.0) != 1.0:',
       "if False:", "tests/test_deepspeed.py::test_bad_zero_configs_fail_fast",
       "offload_optimizer.ratio < 1 accepted (only DeepSpeedCPUAdam reads it)"),
+    M("nvme_state_not_read_back", "pisa_zero/integrations/deepspeed/engine.py",
+      "        wrap_load_checkpoint(result[0])", "        pass",
+      "tests/test_deepspeed.py::test_nvme_offload_equals_cpu_offload_and_resumes_bit_for_bit",
+      "NVMe offload: a resume restarts PISA's duals and moments from zero"),
     # --- Megatron
     M("megatron_adam_beta2_ignored", "pisa_zero/integrations/megatron/groups.py",
       "new.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)",

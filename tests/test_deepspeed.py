@@ -120,11 +120,18 @@ def test_bad_optimizer_params_fail_fast(params, match):
     assert not torch.distributed.is_initialized()  # refused before any process-group work
 
 
-def test_bad_zero_configs_fail_fast(tmp_path):
+def test_bad_zero_configs_fail_fast(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
-    nvme = C.ds_config(3, 2, params=NSISA, zero={"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}})
-    with pytest.raises(ValueError, match="nvme"):
+    few = {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 3}}
+    with pytest.raises(ValueError, match=r"offload_optimizer\.buffer_count=3: .* expected an integer >= 4"):
+        pds.initialize(model=model, config=C.ds_config(3, 2, params=NSISA, zero=few))
+    from deepspeed.ops.op_builder.cpu.async_io import AsyncIOBuilder
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)  # as without libaio
+    nvme = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}})
+    with pytest.raises(ValueError, match="needs libaio: apt-get install libaio-dev"):
         pds.initialize(model=model, config=nvme)
+    monkeypatch.undo()
     partial = C.ds_config(3, 2, zero={"offload_optimizer": {"device": "cpu", "ratio": 0.5}})
     with pytest.raises(ValueError, match="ratio"):
         pds.initialize(model=model, config=partial)
@@ -159,7 +166,7 @@ def test_config_sources_and_flags(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for stage in ("1", "2", "3", "3_offload"):
+    for stage in ("1", "2", "3", "3_offload", "3_nvme"):
         with open(os.path.join(ROOT, "configs", f"pisa_zero{stage}.json")) as f:
             cfg = json.load(f)
         assert pds.is_pisa_config(cfg)
@@ -570,6 +577,47 @@ def test_bf16_without_check_grad_overflow_ranks_diverge(ds_runs):
     assert sorted(r["pisa_skipped"] for r in off) == [0, 1]
     assert sorted(r["pisa_steps"][0] for r in off) == [NAN_STEPS - 1, NAN_STEPS]
     assert C.rel_err(off[0]["weights"], ref["weights"]) > 1e-3
+
+
+def _offload_config(offload: str, params: dict, folder: str) -> dict:
+    """ZeRO-3 in fp32 with the offload of configs/pisa_zero3_nvme.json (optimizer state and parameters on NVMe,
+    its aio block; ``nvme_path`` set to ``folder``) or of pisa_zero3_offload.json (``offload="cpu"``)."""
+    with open(os.path.join(ROOT, "configs", f"pisa_zero3_{'nvme' if offload == 'nvme' else 'offload'}.json")) as f:
+        shipped = json.load(f)
+    zero = {k: dict(v) for k, v in shipped["zero_optimization"].items() if k.startswith("offload_")}
+    for block in zero.values():
+        if block["device"] == "nvme":
+            block["nvme_path"] = folder
+    return C.ds_config(3, 2, params=params, zero=zero, **({"aio": shipped["aio"]} if "aio" in shipped else {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [C.SISA_PARAMS, C.NSISA_PARAMS], ids=["sisa", "nsisa_adamw"])
+def test_nvme_offload_equals_cpu_offload_and_resumes_bit_for_bit(tmp_path, params):
+    """ZeRO-Infinity as configs/pisa_zero3_nvme.json ships it: optimizer state and parameters on NVMe (a folder,
+    through DeepSpeed's async I/O op) == CPU offload bit for bit over 6 steps; a save after step 3, loaded by fresh
+    processes (new ranks, another init), continues bit for bit, PISA's step counters included. Each rank's
+    partition is over DeepSpeed's 1 MiB min_aio_bytes (checks.NVME_WIDTH), so the state is really swapped; the swap
+    folder is emptied before the resume, so everything comes from the checkpoint."""
+    from deepspeed.accelerator import get_accelerator
+
+    from tests.distributed import skip_or_fail
+
+    if not get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False):
+        skip_or_fail("needs DeepSpeed's async I/O op: apt-get install libaio-dev")
+    weights = {}
+    for offload in ("cpu", "nvme"):
+        swap, ckpt = str(tmp_path / offload / "swap"), str(tmp_path / offload / "ckpt")
+        cfg = _offload_config(offload, params, swap)
+        (weights[offload],) = run_distributed(K.offload_run, 2, cfg, ckpt, 3, 6, timeout=600)[:1]
+        shutil.rmtree(swap, ignore_errors=True)
+        resumed = run_distributed(K.offload_resume, 2, cfg, ckpt, 3, 6, timeout=600)
+        for r in resumed:
+            assert r["steps_after_load"] == [3], (offload, r["steps_after_load"])
+            assert all(torch.equal(r["weights"][n], weights[offload][n]) for n in weights[offload]), offload
+    assert all(torch.equal(weights["nvme"][n], weights["cpu"][n]) for n in weights["cpu"])
+    moved = max((weights["cpu"][n] - w).abs().max().item() for n, w in C.make_model(0, K.NVME_WIDTH).named_parameters())
+    assert moved > 1e-3  # the six steps changed the weights
 
 
 @pytest.mark.slow

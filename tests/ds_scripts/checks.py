@@ -218,3 +218,37 @@ def nan_step(rank, world, cfg, steps, nan_at=None, leave_out=None):
         "check_grad_overflow": engine.optimizer.check_grad_overflow,
         "finite": all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()),
     }
+
+
+#: ZeRO-Infinity scenarios: a model wide enough (GPT-2 width 192, 0.9M parameters) that each rank's partition is
+#: over DeepSpeed's 1 MiB ``min_aio_bytes``, so its optimizer state is really swapped to the NVMe folder
+NVME_WIDTH = 192
+
+
+def module_weights(engine) -> dict:
+    """The model's (bit16) weights, gathered whole: the fp32 masters of an NVMe-swapped partition hold no data."""
+    import deepspeed
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.detach().clone().float()
+    return out
+
+
+def offload_run(rank, world, cfg, ckpt_dir, save_at, steps):
+    """``steps`` steps with a save after ``save_at``; the weights at the end."""
+    engine = C.ds_engine(cfg, width=NVME_WIDTH)
+    C.ds_train(engine, save_at)
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    C.ds_train(engine, steps - save_at, start=save_at)
+    return module_weights(engine)
+
+
+def offload_resume(rank, world, cfg, ckpt_dir, save_at, steps):
+    """A fresh engine (another init) loads the save and trains on to ``steps``; the weights and PISA's step counters."""
+    engine = C.ds_engine(cfg, seed=123, width=NVME_WIDTH)
+    engine.load_checkpoint(ckpt_dir, tag="t")
+    counters = sorted({int(s["step"]) for s in engine.basic_optimizer.state.values() if "step" in s})
+    C.ds_train(engine, steps - save_at, start=save_at)
+    return {"weights": module_weights(engine), "steps_after_load": counters}

@@ -15,13 +15,13 @@ import torch  # noqa: E402
 VOCAB, SEQ, MICRO = 64, 16, 2
 
 
-def make_model(seed: int = 0):
+def make_model(seed: int = 0, width: int = 32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
         n_layer=2,
-        n_embd=32,
+        n_embd=width,
         n_head=2,
         vocab_size=VOCAB,
         n_positions=SEQ,
@@ -84,12 +84,12 @@ def ds_config(stage: int, world: int, *, accum: int = 1, params: dict | None = N
     return cfg
 
 
-def ds_engine(cfg: dict, seed: int = 0, use_register: bool = False):
+def ds_engine(cfg: dict, seed: int = 0, use_register: bool = False, width: int = 32):
     import deepspeed
 
     import pisa_zero.deepspeed as pds
 
-    model = make_model(seed)
+    model = make_model(seed, width)
     if use_register:
         pds.register()
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)

@@ -240,6 +240,10 @@ def parse_pisa_params(params: dict | None) -> PISASpec:
     return spec
 
 
+#: NVMe offload: DeepSpeed's swap buffers a sub-group needs at once with PISA (fp32 weights, two states, gradient)
+NVME_BUFFERS = 4
+
+
 def _zero_config(config: dict) -> dict:
     return config.get("zero_optimization") or {}
 
@@ -248,9 +252,21 @@ def zero_stage(config: dict) -> int:
     return int(_zero_config(config).get("stage", 0))
 
 
-def _offload_device(config: dict) -> str:
+def offload_device(config: dict) -> str:
+    """``zero_optimization.offload_optimizer.device``, lower-case; "none" without offload."""
     off = _zero_config(config).get("offload_optimizer") or {}
     return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
+
+
+def _check_async_io() -> None:
+    """NVMe offload reads and writes through DeepSpeed's async I/O op, which builds only against libaio."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False):
+        raise ValueError(
+            "pisa_zero.deepspeed: zero_optimization.offload_optimizer.device='nvme' needs DeepSpeed's async I/O op, "
+            "which needs libaio: apt-get install libaio-dev (Debian/Ubuntu) or dnf install libaio-devel (Fedora/RHEL)"
+        )
 
 
 def prepare_config(config: dict, spec: PISASpec) -> dict:
@@ -261,7 +277,7 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"pisa_zero.deepspeed: invalid zero_optimization.stage={stage!r}")
     config.setdefault("zero_allow_untested_optimizer", True)
-    offload = _offload_device(config)
+    offload = offload_device(config)
     if spec.kwargs.get("local_steps", 1) > 1 and stage in (1, 2) and offload == "none":
         # ZeRO-1/2 all-reduce a gradient norm every step over their "model-parallel" group, i.e. across agents in
         # mode B; with local steps nothing may cross agents between rounds (the norm only serves clipping, refused
@@ -297,12 +313,16 @@ def prepare_config(config: dict, spec: PISASpec) -> dict:
             "data_types.grad_accum_dtype='fp32' selects DeepSpeed's BF16_Optimizer, whose partition layout pisa_zero "
             "does not read; use stage 2 or drop grad_accum_dtype"
         )
-    if "nsisa" in spec.preconditioners() and stage in (1, 2, 3):
-        if offload == "nvme":
+    if offload == "nvme":
+        _check_async_io()
+        buffers = (zero.get("offload_optimizer") or {}).get("buffer_count", NVME_BUFFERS)
+        if isinstance(buffers, bool) or not isinstance(buffers, int) or buffers < NVME_BUFFERS:
             raise ValueError(
-                "pisa_zero.deepspeed: preconditioner 'nsisa' with zero_optimization.offload_optimizer.device='nvme' "
-                "is not supported (use 'cpu' or a sisa/adamw preconditioner)"
+                f"pisa_zero.deepspeed: zero_optimization.offload_optimizer.buffer_count={buffers!r}: PISA swaps a "
+                f"partition's fp32 weights, its two states and its gradient at once; expected an integer >= "
+                f"{NVME_BUFFERS}"
             )
+    if "nsisa" in spec.preconditioners() and stage in (1, 2, 3):
         for key in ("zero_hpz_partition_size", "mics_shard_size"):
             if int(zero.get(key, 1) if key != "mics_shard_size" else zero.get(key, -1)) > 1:
                 raise ValueError(

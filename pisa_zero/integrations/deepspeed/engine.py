@@ -11,10 +11,20 @@ import torch
 import torch.distributed as dist
 
 from ...optimizer import PISA
-from .config import BY_ROLE, PISASpec, _load_config, is_pisa_config, parse_pisa_params, prepare_config, zero_stage
+from .config import (
+    BY_ROLE,
+    PISASpec,
+    _load_config,
+    is_pisa_config,
+    offload_device,
+    parse_pisa_params,
+    prepare_config,
+    zero_stage,
+)
 from .layout import partition_layouts
 from .mpu import AgentMPU
 from .nsisa import PartitionOrthogonalizer
+from .nvme import wrap_load_checkpoint
 
 
 def optimizer_factory(spec: PISASpec, model: torch.nn.Module | None, consensus=None, orthogonalizer=None) -> Callable:
@@ -115,6 +125,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         if not isinstance(getattr(engine, "basic_optimizer", None), PISA):
             raise ValueError("pisa_zero.deepspeed: the engine's optimizer is not PISA")
         orthogonalizer.bind(partition_layouts(engine))
+    if offload_device(cfg) == "nvme" and zero_stage(cfg) == 3:  # PISA's swapped state must be read back on load
+        wrap_load_checkpoint(result[0])
     release_cpu_allreduce_buffer()
     return result
 

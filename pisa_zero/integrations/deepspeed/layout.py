@@ -99,7 +99,13 @@ ZERO12_INTERNALS = (
     "bit16_groups_flat",
     "parallel_partitioned_bit16_groups",
 )
-ZERO3_INTERNALS = ("fp16_groups", "fp32_partitioned_groups_flat", "sub_group_to_group_id", "dp_process_group")
+ZERO3_INTERNALS = (
+    "fp16_groups",
+    "fp32_partitioned_groups_flat",
+    "fp16_partitioned_groups_flat_numel",
+    "sub_group_to_group_id",
+    "dp_process_group",
+)
 
 
 def partition_layouts(engine) -> dict[int, PartitionLayout]:
@@ -147,8 +153,10 @@ def partition_layouts(engine) -> dict[int, PartitionLayout]:
             per_rank = [_zero3_pieces(pnames, shapes, r, world) for r in range(world)]
             numel = per_rank[0][1]
             flat = zero_opt.fp32_partitioned_groups_flat[sg]
-            if flat.numel() != numel:
-                raise RuntimeError(f"pisa_zero.deepspeed: sub-group numel {flat.numel()} != layout {numel}")
+            # the sub-group's size as DeepSpeed records it: an NVMe-swapped partition holds no data between steps
+            held = int(zero_opt.fp16_partitioned_groups_flat_numel[sg])
+            if held != numel:
+                raise RuntimeError(f"pisa_zero.deepspeed: sub-group numel {held} != layout {numel}")
             layouts[id(flat)] = PartitionLayout(
                 tuple(p for p, _ in per_rank), numel, rank, pg, zero_opt.sub_group_to_group_id[sg]
             )
