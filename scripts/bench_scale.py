@@ -3,13 +3,17 @@
 
     python scripts/bench_scale.py                      # 124M then 350M, PISA and AdamW: docs/benchmarks/scale.md
     python scripts/bench_scale.py --sizes 124M 350M 1B # also 1B, only if the machine has the memory free
+    python scripts/bench_scale.py --offload nvme --sizes 124M 1B --output docs/benchmarks/scale_nvme.md
 
 2 CPU ranks, DeepSpeed ZeRO-3 with the optimizer offloaded to the CPU (configs/pisa_zero3_offload.json: bf16
 parameters, fp32 masters; PISA nsisa on the block matrices + auxiliary AdamW), the model built inside
 ``deepspeed.zero.Init`` so no rank ever holds it whole. Baseline: the same config with ``"type": "AdamW"``, which
 DeepSpeed runs as its CPU Adam (``DeepSpeedCPUAdam``) under optimizer offload. Per (size, optimizer): one fresh
 pair of processes, ``--warmup`` untimed steps then ``--steps`` timed steps of ``--batch-size`` × ``--block-size``
-tokens per rank; reports parameters, peak RSS per rank (VmHWM) and in total, and seconds per step (median).
+tokens per rank; reports parameters, peak RSS per rank (VmHWM) and in total, seconds per step (median), the disk
+bytes read and written per step (``/proc/self/io``) and the loss of the first and last steps. ``--offload nvme``
+runs configs/pisa_zero3_nvme.json instead (ZeRO-Infinity: optimizer state and parameters in ``--nvme-path``; needs
+``apt-get install libaio-dev``). PISA runs as nsisa + AdamW (``pisa``) and as sisa + AdamW (``sisa``).
 
 Memory safety: before each launch the script reads MemAvailable and predicts the launch's
 total peak RSS from the bytes per parameter measured at the previous size (or ``--bytes-per-param`` before any);
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -31,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-OPTIMIZERS = ("adamw", "pisa")  # AdamW first at each size: its line helps predict PISA's memory
-LABELS = {"pisa": "PISA (nsisa + AdamW)", "adamw": "DeepSpeed CPU Adam (AdamW)"}
+OPTIMIZERS = ("adamw", "sisa", "pisa")  # AdamW first at each size: its line helps predict PISA's memory
+LABELS = {"pisa": "PISA (nsisa + AdamW)", "sisa": "PISA (sisa + AdamW)", "adamw": "DeepSpeed CPU Adam (AdamW)"}
+CONFIGS = {"cpu": "pisa_zero3_offload.json", "nvme": "pisa_zero3_nvme.json"}
 
 
 def _meminfo_gib(field: str) -> float:
@@ -52,8 +58,12 @@ def mem_total_gib() -> float:
 
 
 def config_for(spec: dict) -> dict:
-    with open(ROOT / "configs" / "pisa_zero3_offload.json") as f:
+    offload = spec.get("offload", "cpu")
+    with open(ROOT / "configs" / CONFIGS[offload]) as f:
         config = json.load(f)
+    for block in ("offload_optimizer", "offload_param"):
+        if config["zero_optimization"].get(block, {}).get("device") == "nvme":
+            config["zero_optimization"][block]["nvme_path"] = spec["nvme_path"]
     for k in ("scheduler", "tensorboard"):
         config.pop(k, None)
     config.update(
@@ -64,6 +74,10 @@ def config_for(spec: dict) -> dict:
     )
     if spec["implementation"] != "auto":
         config["optimizer"]["params"]["implementation"] = spec["implementation"]
+    if spec["optimizer"] == "sisa":
+        config["optimizer"]["params"]["preconditioner"] = "sisa"
+        for key in ("momentum", "ns_steps"):
+            config["optimizer"]["params"].pop(key, None)
     if spec["optimizer"] == "adamw":
         config["optimizer"] = {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.0}}
     return config
@@ -95,8 +109,10 @@ def worker(spec: dict, out_path: str) -> None:
     params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
     engine, *_ = pisa_zero.deepspeed.initialize(model=model, config=config)
     built_s = time.perf_counter() - start
-    times, losses = [], []
+    times, losses, io = [], [], []
     for s in range(spec["warmup"] + spec["steps"]):
+        if s == spec["warmup"]:
+            io.append(_io_bytes())
         x, y = batches.get(s)
         dist.barrier()
         t = time.perf_counter()
@@ -113,6 +129,8 @@ def worker(spec: dict, out_path: str) -> None:
         "step_s": times[spec["warmup"] :],
         "losses": losses,
         "rss_peak_mib": _status_kib("VmHWM") / 1024,
+        # storage bytes this rank read + wrote per timed step (/proc/self/io; NVMe offload swaps through O_DIRECT)
+        "io_bytes_per_step": (sum(_io_bytes()) - sum(io[0])) / max(spec["steps"], 1),
         "optimizer": type(
             engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
         ).__name__,
@@ -121,6 +139,12 @@ def worker(spec: dict, out_path: str) -> None:
         json.dump(result, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _io_bytes() -> tuple[int, int]:
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
 
 
 def report(args, rows: list[dict], skipped: list[str]) -> str:
@@ -132,19 +156,22 @@ def report(args, rows: list[dict], skipped: list[str]) -> str:
     )
     quiet = bool(loads) and max(loads) < 3.0
     lines = [
-        "# Scale: the largest GPT-2 that trains here with PISA (2 ranks, ZeRO-3, CPU offload, bf16 parameters)",
+        f"# Scale: the largest GPT-2 that trains here with PISA (2 ranks, ZeRO-3, {args.offload.upper()} offload, bf16 "
+        "parameters)",
         "",
         f"Command: `{args.command}`  ",
         f"Machine: {os.cpu_count()} CPU cores, {mem_total_gib():.0f} GiB, no GPU; {load} "
         + ("(nothing else running). " if quiet else "(other work running: s/step is slow and noisy; peak RSS is not). ")
-        + "DeepSpeed ZeRO-3, `offload_optimizer: cpu`, bf16 parameters and fp32 masters "
-        "(configs/pisa_zero3_offload.json), model built under `deepspeed.zero.Init`, GPT-2 from engine/models.py "
+        + f"DeepSpeed ZeRO-3 as configs/{CONFIGS[args.offload]} sets it"
+        + (" (optimizer state and parameters on NVMe: a disk folder), " if args.offload == "nvme" else ", ")
+        + "bf16 parameters and fp32 masters, model built under `deepspeed.zero.Init`, GPT-2 from engine/models.py "
         f"with the byte vocabulary (256), {args.batch_size} × {args.block_size} tokens per rank per step, "
         f"{args.warmup} warm-up + {args.steps} timed steps.",
         "",
         "| size | parameters | optimizer | peak RSS per rank, GiB (max) | total peak RSS, GiB | bytes/param (total "
-        "RSS) | s/step (median) | RSS vs AdamW | s/step vs AdamW |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "RSS) | s/step (median) | disk read + write per step, GiB (both ranks) | loss first → last | RSS vs AdamW "
+        "| s/step vs AdamW |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     by = {(r["size"], r["optimizer"]): r for r in rows}
     for r in rows:
@@ -158,9 +185,12 @@ def report(args, rows: list[dict], skipped: list[str]) -> str:
             ratios = f"{total / base_total:.3f}× | {step / statistics.median(base['ranks'][0]['step_s']):.3f}×"
         else:
             ratios = " | "
+        io = sum(x.get("io_bytes_per_step", 0.0) for x in r["ranks"]) / 2**30
+        losses = r["ranks"][0]["losses"]
         lines.append(
             f"| {r['size']} | {params / 1e6:,.1f}M | {LABELS[r['optimizer']]} (`{r['ranks'][0]['optimizer']}`) | "
-            f"{rss:.2f} | {total:.2f} | {total * 2**30 / params:.1f} | {step:.1f} | {ratios} |"
+            f"{rss:.2f} | {total:.2f} | {total * 2**30 / params:.1f} | {step:.1f} | {io:.2f} | "
+            f"{losses[0]:.3f} → {losses[-1]:.3f} | {ratios} |"
         )
     if skipped:
         lines += ["", "Not run:", "", *[f"- {s}" for s in skipped]]
@@ -174,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", choices=SIZES, default=["124M", "350M"], help="sizes, smallest first")
     p.add_argument("--family", choices=("gpt2", "llama"), default="gpt2", help="model family (engine/models.py)")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), help="optimizers")
+    p.add_argument(
+        "--offload",
+        choices=tuple(CONFIGS),
+        default="cpu",
+        help="cpu: configs/pisa_zero3_offload.json; nvme: configs/pisa_zero3_nvme.json (ZeRO-Infinity)",
+    )
+    p.add_argument(
+        "--nvme-path", type=Path, default=Path(".cache/nvme_swap"), help="nvme: the swap folder (emptied per launch)"
+    )
     p.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
@@ -204,7 +243,7 @@ def approx_params(family: str, size: str) -> int:
         return count_parameters(build_model(family, size, vocab_size=256, block_size=128))
 
 
-def predict_gib(rows: list[dict], optimizer: str, params: int, guess: float) -> tuple[float, str]:
+def predict_gib(rows: list[dict], optimizer: str, params: int, guess: float, offload: str = "cpu") -> tuple[float, str]:
     """Total peak RSS (GiB) predicted for ``params`` parameters: a line through the two largest sizes measured with
     this optimizer (fixed cost + bytes/param); with one size of its own, a line through it with the other
     optimizer's slope; else one size's bytes/param (an over-estimate: it folds the fixed cost in), or ``guess``
@@ -214,7 +253,7 @@ def predict_gib(rows: list[dict], optimizer: str, params: int, guess: float) -> 
         return sorted(
             (r["ranks"][0]["params"], sum(x["rss_peak_mib"] for x in r["ranks"]) / 1024)
             for r in rows
-            if r["optimizer"] == name
+            if r["optimizer"] == name and r.get("offload", "cpu") == offload
         )
 
     points = points_of(optimizer)
@@ -267,13 +306,16 @@ def main(argv=None) -> int:
                 warmup=args.warmup,
                 steps=args.steps,
                 implementation=args.implementation,
+                offload=args.offload,
             )
+            if args.offload == "nvme":
+                spec["nvme_path"] = str(args.nvme_path.resolve() / f"{size}_{opt}")
             if key(spec) not in done and args.cached_only:
                 skipped.append(f"{size} {LABELS[opt]}: not measured yet (rerun the command: it resumes)")
                 continue
             if key(spec) not in done:
                 n = approx_params(args.family, size)
-                need, how = predict_gib(rows, opt, n, args.bytes_per_param)
+                need, how = predict_gib(rows, opt, n, args.bytes_per_param, args.offload)
                 free = mem_available_gib()
                 if free < need + args.margin_gib:
                     skipped.append(
@@ -284,7 +326,11 @@ def main(argv=None) -> int:
                     print("skip:", skipped[-1], flush=True)
                     continue
                 print(f"{size} {opt}: predicted {need:.1f} GiB, {free:.1f} GiB available; launching", flush=True)
+                if "nvme_path" in spec:
+                    shutil.rmtree(spec["nvme_path"], ignore_errors=True)
                 result = launch(spec, args.timeout, script=__file__) | {"load1": os.getloadavg()[0]}
+                if "nvme_path" in spec:
+                    shutil.rmtree(spec["nvme_path"], ignore_errors=True)
                 with args.results.open("a") as out:
                     out.write(json.dumps(result) + "\n")
                 done[key(spec)] = result

@@ -105,6 +105,17 @@ def test_bench_scale_tiny_pisa_writes_the_page(tmp_path):
     assert "| tiny |" in page.read_text()
 
 
+@pytest.mark.slow
+def test_bench_scale_nvme_offload_runs_the_shipped_nvme_config(tmp_path):
+    page = tmp_path / "scale_nvme.md"
+    argv = ["--sizes", "tiny", "--optimizers", "sisa", "--steps", "1", "--offload", "nvme", "--margin-gib", "0"]
+    argv += ["--nvme-path", str(tmp_path / "swap"), "--results", str(tmp_path / "r.jsonl"), "--output", str(page)]
+    run_script("bench_scale.py", *argv)
+    text = page.read_text()
+    assert "NVME offload" in text and "configs/pisa_zero3_nvme.json" in text and "| tiny |" in text
+    assert "PISA (sisa + AdamW)" in text and not (tmp_path / "swap" / "tiny_sisa").exists()  # removed after the run
+
+
 def test_bench_scale_skips_a_size_that_does_not_fit(tmp_path, monkeypatch):
     import bench_scale
 
