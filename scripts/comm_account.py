@@ -391,6 +391,9 @@ def use_fake_collectives(rank: int, world: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
+        # a rank that tears its group down while a slower one is still connecting breaks that rank's init
+        # ("Connection closed by peer"): the barrier completes only once every rank has connected
+        dist.barrier()
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
 

@@ -67,6 +67,8 @@ def _worker(fn, rank: int, world_size: int, store_path: str, result_path: str, a
         code = 1
     try:
         if dist.is_initialized():
+            if code == 0:  # no rank tears its group down while another is still connecting to it
+                dist.barrier()
             dist.destroy_process_group()
         # os._exit skips atexit, which is what stops a rank's own multiprocessing children (e.g. the Manager that
         # Megatron's dist_checkpointing starts): stop them here so no process outlives the test.
