@@ -138,7 +138,9 @@ def test_accelerate_with_deepspeed_plugin_trains_the_shipped_nsisa_json(tmp_path
     script = script.replace(
         "    loss = model(**batch).loss\n", "    loss = model(**batch).loss\n    losses.append(loss.item())\n"
     )
-    (tmp_path / "train_accelerate.py").write_text(script + DEEPSPEED_REPORT.format(engine="model", losses="losses"))
+    end = "accelerator.end_training()"  # the report goes in before the page's last line
+    report = DEEPSPEED_REPORT.format(engine="model", losses="losses")
+    (tmp_path / "train_accelerate.py").write_text(script.replace(end, report + end))
     with HeldPort() as held:
         cmd = ["accelerate", "launch", "--config_file", "accelerate.yaml", "--main_process_port", str(held.port)]
         out = run([*cmd, "train_accelerate.py"], tmp_path)
@@ -155,7 +157,10 @@ def test_deepspeed_script_trains_the_shipped_nsisa_json(tmp_path):
     require("deepspeed")
     require("transformers")
     script = snippet("deepspeed.md", "deepspeed_script")
-    (tmp_path / "train_ds.py").write_text(script + DEEPSPEED_REPORT.format(engine="engine", losses="[]"))
+    end = "dist.destroy_process_group()"  # the report goes in before the page's last line
+    (tmp_path / "train_ds.py").write_text(
+        script.replace(end, DEEPSPEED_REPORT.format(engine="engine", losses="[]") + end)
+    )
     config = str(ROOT / "configs" / "pisa_zero3.json")
     with HeldPort() as held:
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(held.port), "train_ds.py"]
